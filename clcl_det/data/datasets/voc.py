@@ -1,0 +1,103 @@
+"""PASCAL VOC layout (JPEGImages/, Annotations/, ImageSets/Main/<split>.txt) -> dataset dicts."""
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from typing import Any, Dict, List, Sequence
+
+from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
+
+__all__ = ["VOC_CLASSES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A dataset directory or index file is not where the catalog expects it."""
+
+
+def _missing(path: str, what: str) -> DatasetMissingError:
+    return DatasetMissingError(
+        f"{what} not found at '{path}'. Place the data under $CLCL_DATASETS (now "
+        f"'{os.environ.get('CLCL_DATASETS', './datasets')}') as described in datasets/README.md, "
+        f"or set CLCL_DATASETS to the folder that holds it"
+    )
+
+
+def load_voc_instances(dirname: str, split: str, class_names: Sequence[str]) -> List[Dict[str, Any]]:
+    """Dataset dicts of a VOC-layout folder. `difficult` objects are kept (flagged) for evaluation.
+
+    Unreadable XML files and objects of unknown classes are skipped with a warning that names the
+    file; the counts are logged at the end.
+    """
+    index = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isdir(dirname):
+        raise _missing(dirname, "Dataset directory")
+    if not os.path.isfile(index):
+        raise _missing(index, f"Image list of split '{split}'")
+    with open(index) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    class_to_id = {c: i for i, c in enumerate(class_names)}
+    dicts: List[Dict[str, Any]] = []
+    bad_files: List[str] = []
+    unknown: Dict[str, int] = {}
+    for img_id in ids:
+        anno_file = os.path.join(dirname, "Annotations", f"{img_id}.xml")
+        try:
+            tree = ET.parse(anno_file)
+            size = tree.find("size")
+            height, width = int(size.find("height").text), int(size.find("width").text)
+        except (ET.ParseError, OSError, AttributeError, TypeError, ValueError) as e:
+            logger.warning(f"skipping {anno_file}: unreadable annotation ({type(e).__name__}: {e})")
+            bad_files.append(anno_file)
+            continue
+        annos = []
+        for obj in tree.findall("object"):
+            name = (obj.findtext("name") or "").strip()
+            if name not in class_to_id:
+                unknown[name] = unknown.get(name, 0) + 1
+                if unknown[name] == 1:
+                    logger.warning(f"{anno_file}: object of unknown class '{name}' skipped")
+                continue
+            try:
+                bb = obj.find("bndbox")
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (AttributeError, TypeError, ValueError):
+                logger.warning(f"{anno_file}: object '{name}' without a valid bndbox skipped")
+                continue
+            box[0] -= 1.0  # VOC pixel indices are 1-based
+            box[1] -= 1.0
+            annos.append({
+                "bbox": box,
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "category_id": class_to_id[name],
+                "difficult": int(obj.findtext("difficult") or 0),
+            })
+        dicts.append({
+            "file_name": os.path.join(dirname, "JPEGImages", f"{img_id}.jpg"),
+            "image_id": img_id,
+            "height": height,
+            "width": width,
+            "annotations": annos,
+        })
+    if bad_files:
+        logger.warning(f"{dirname} [{split}]: skipped {len(bad_files)} image(s) with unreadable annotations")
+    if unknown:
+        logger.warning(f"{dirname} [{split}]: skipped objects of unknown classes: {unknown}")
+    return dicts
+
+
+def register_pascal_voc(name: str, dirname: str, split: str, year: int,
+                        class_names: Sequence[str] = VOC_CLASSES) -> None:
+    """Register a VOC-layout split under `name`."""
+    DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
+    MetadataCatalog.get(name).set(
+        thing_classes=list(class_names), dirname=dirname, year=year, split=split, evaluator_type="pascal_voc"
+    )

@@ -1,0 +1,57 @@
+"""Build the frozen open_clip model named by MODEL.CLIP (any architecture, tag or local file)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Tuple
+
+import open_clip
+from torch import nn
+
+__all__ = ["build_clip", "clip_cache_dir", "PROJECT_PRETRAINED"]
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+PROJECT_PRETRAINED = "shapes-tiny"  # weights built by the project's own recipe and cached
+
+
+def clip_cache_dir(cfg: Any = None) -> str:
+    """MODEL.CLIP.CACHE_DIR, else $CLCL_CACHE, else ~/.cache/clcl_det."""
+    d = (cfg.MODEL.CLIP.CACHE_DIR if cfg is not None else "") or os.environ.get("CLCL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "clcl_det"
+    )
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
+    """The open_clip model (frozen, eval mode) and its tokenizer.
+
+    MODEL.CLIP.PRETRAINED: "" = random weights; "shapes-tiny" = the project's tiny CLIP, pretrained
+    on Shapes on first use and cached; a file path = a local checkpoint; anything else = an
+    open_clip pretrained tag (downloaded by open_clip into CACHE_DIR).
+    """
+    arch, pretrained = cfg.MODEL.CLIP.ARCH, cfg.MODEL.CLIP.PRETRAINED
+    if arch not in open_clip.list_models():
+        raise ValueError(f"MODEL.CLIP.ARCH '{arch}' is not an open_clip architecture (see open_clip.list_models())")
+    if pretrained == PROJECT_PRETRAINED:
+        from .pretrain import ensure_shapes_tiny
+
+        pretrained = ensure_shapes_tiny(cfg)
+    elif pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED: checkpoint file '{pretrained}' does not exist")
+    if pretrained:
+        logger.info(f"CLIP: {arch} with weights '{pretrained}'")
+    else:
+        logger.info(f"CLIP: {arch} with random weights (MODEL.CLIP.PRETRAINED is empty)")
+    model = open_clip.create_model(
+        arch, pretrained=pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True
+    )
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model, tokenizer
