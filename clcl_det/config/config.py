@@ -63,6 +63,10 @@ def _walk_and_check(default: "CfgNode", loaded: dict, prefix: str, root: "CfgNod
                 raise ConfigError(f"Config key '{full}'{where} is a group of keys, got {v!r}")
             _walk_and_check(d, v, full + ".", root, where)
             continue
+        if isinstance(v, str) and not isinstance(d, str):  # YAML strings such as "(a, b)" as yacs reads them
+            v = loaded[k] = root._decode_cfg_value(v)
+        if isinstance(d, str) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = loaded[k] = str(v)  # e.g. CONTINUAL.TASKS 20
         if isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool):
             loaded[k] = float(v)
         elif isinstance(d, tuple) and isinstance(v, list):
@@ -98,7 +102,7 @@ class CfgNode(_FvCfgNode):
             raise ConfigError(f"Config file '{cfg_filename}' must hold a mapping of keys, got {type(loaded).__name__}")
         loaded.pop("VERSION", None)
         _walk_and_check(self, loaded, "", self, f" in {cfg_filename}")
-        self.merge_from_other_cfg(type(self)(loaded))
+        self._assign(loaded)
 
     def merge_from_list(self, cfg_list: List[str]) -> None:
         if len(cfg_list) % 2 != 0:
@@ -114,7 +118,17 @@ class CfgNode(_FvCfgNode):
                     raise ConfigError(f"Override '{key}' conflicts with another override")
             node[parts[-1]] = value
         _walk_and_check(self, nested, "", self, " (command-line override)")
-        self.merge_from_other_cfg(type(self)(nested))
+        self._assign(nested)
+
+    def _assign(self, values: dict) -> None:
+        """Set checked values (see `_walk_and_check`) into this node."""
+        if self.is_frozen():
+            raise ConfigError("the config is frozen; call cfg.defrost() before changing it")
+        for k, v in values.items():
+            if isinstance(self[k], _FvCfgNode):
+                self[k]._assign(v)
+            else:
+                self[k] = v
 
 
 def get_cfg() -> CfgNode:

@@ -67,10 +67,20 @@ _C.MODEL.CLIP.TINY.BATCH_SIZE = 64  # images per step
 _C.MODEL.CLIP.TINY.LR = 1e-3  # AdamW learning rate (cosine decay, warm-up)
 _C.MODEL.CLIP.TINY.DENSE_WEIGHT = 1.0  # weight of the patch-to-text dense alignment term
 _C.MODEL.CLIP.TINY.SEED = 0  # seed of the recipe (part of the cache key)
+_C.MODEL.CLIP.TINY.CROP_BATCH_SIZE = 32  # object crops per step for the crop-caption contrastive term (0 = off)
+_C.MODEL.CLIP.TINY.WARMUP_ITERS = 50  # linear learning-rate warm-up steps
+_C.MODEL.CLIP.TINY.WEIGHT_DECAY = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
+_C.MODEL.CLIP.TINY.OBJECT_WEIGHT = 3.0  # weight of a patch cell fully covered by an object vs a background cell
+_C.MODEL.CLIP.TINY.MAX_ZOOM = 1.5  # full images are randomly zoomed in by 1..MAX_ZOOM (and flipped)
+_C.MODEL.CLIP.TINY.CROP_CONTEXT = (0.05, 0.4)  # range of context around an object crop, fraction of its side
+_C.MODEL.CLIP.TINY.TEMPLATES = "imagenet"  # prompt templates of the training captions: imagenet | simple
+_C.MODEL.CLIP.TINY.PROMPTS_PER_CLASS = 2  # templated prompts averaged per class embedding per step
+_C.MODEL.CLIP.TINY.EVAL_PERIOD = 0  # steps between quality measurements in tools/pretrain_tiny_clip.py (0 = end only)
 
 _C.MODEL.BACKBONE = CN()
 _C.MODEL.BACKBONE.NAME = "CLIPViTBackbone"  # BACKBONE_REGISTRY entry
-_C.MODEL.BACKBONE.NORM = "LN"  # norm of the simple pyramid's 2x upsampler: LN | GN | none
+_C.MODEL.BACKBONE.SCALES = (2.0, 1.0, 0.5, 0.25)  # simple-pyramid scale per CLIP tap (F-ViT: 4, 2, 1, 0.5)
+_C.MODEL.BACKBONE.NORM = "LN"  # norm inside the simple pyramid's 4x upsampler: LN | GN | none
 
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.OUT_CHANNELS = 64  # FPN width (256 in the real configs)
@@ -80,29 +90,30 @@ _C.MODEL.PROPOSAL_GENERATOR = CN()
 _C.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"  # PROPOSAL_GENERATOR_REGISTRY entry
 
 _C.MODEL.ANCHOR_GENERATOR = CN()
-_C.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]  # one list per pyramid level (stride order)
+_C.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]  # one list per pyramid level (stride order)
 _C.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]  # height/width ratios (one list for all levels)
 
 _C.MODEL.RPN = CN()
 _C.MODEL.RPN.IOU_THRESHOLDS = (0.3, 0.7)  # below: background, above: foreground
 _C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256  # anchors sampled per image for the loss
 _C.MODEL.RPN.POSITIVE_FRACTION = 0.5  # fraction of positives among sampled anchors
-_C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000  # proposals kept per level before NMS (training)
-_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000  # proposals kept per image after NMS (training)
-_C.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # proposals kept per level before NMS (testing)
-_C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000  # proposals kept per image after NMS (testing)
+_C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 600  # proposals kept per level before NMS, training (2000 at 640 px)
+_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 300  # proposals kept per image after NMS, training (1000 at 640 px)
+_C.MODEL.RPN.PRE_NMS_TOPK_TEST = 300  # proposals kept per level before NMS, testing (1000 at 640 px)
+_C.MODEL.RPN.POST_NMS_TOPK_TEST = 150  # proposals kept per image after NMS, testing (1000 at 640 px)
 _C.MODEL.RPN.NMS_THRESH = 0.7  # NMS IoU between proposals
 _C.MODEL.RPN.LOSS_WEIGHT = 1.0  # weight of objectness + box regression losses
 
 _C.MODEL.ROI_HEADS = CN()
 _C.MODEL.ROI_HEADS.NAME = "FViTRoIHeads"  # ROI_HEADS_REGISTRY entry (MultiExpertRoIHeads for CL-CLIP)
-_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128  # RoIs sampled per image (512 in the real configs)
+_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64  # RoIs sampled per image (512 in the real configs)
 _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25  # fraction of foreground RoIs
 _C.MODEL.ROI_HEADS.IOU_THRESHOLD = 0.5  # IoU for a proposal to be foreground
 _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True  # add ground-truth boxes to the proposals in training
 _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.01  # minimum score of a detection
 _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5  # per-class NMS IoU at inference
 _C.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE = 100  # detections kept per image
+_C.MODEL.ROI_HEADS.TOPK_CANDIDATES_TEST = 1000  # best-scoring (box, class) candidates per image entering NMS
 
 _C.MODEL.ROI_BOX_HEAD = CN()  # the shared F-ViT box head (RoIAlign -> convs -> fcs -> embedding)
 _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7  # RoIAlign output side

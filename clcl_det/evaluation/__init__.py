@@ -1,1 +1,28 @@
+"""Evaluators (VOC, COCO), `inference_on_dataset` and the continual-learning tables."""
+from .continual_metrics import (
+    build_stage,
+    describe_ap,
+    format_stage_table,
+    format_summary,
+    plot_stages,
+    read_json,
+    stage_metrics,
+    summarize_stages,
+    write_json,
+)
+from .coco_evaluation import COCOEvaluator
+from .evaluator import (
+    DatasetEvaluator,
+    DatasetEvaluators,
+    DetectionEvaluatorBase,
+    inference_context,
+    inference_on_dataset,
+)
+from .voc_evaluation import AP_METHODS, PascalVOCEvaluator, eval_detections_for_class, match_detections, voc_ap
 
+__all__ = [
+    "DatasetEvaluator", "DatasetEvaluators", "DetectionEvaluatorBase", "inference_context",
+    "inference_on_dataset", "AP_METHODS", "voc_ap", "match_detections", "eval_detections_for_class",
+    "PascalVOCEvaluator", "COCOEvaluator", "describe_ap", "stage_metrics", "build_stage",
+    "format_stage_table", "summarize_stages", "format_summary", "plot_stages", "write_json", "read_json",
+]

@@ -15,7 +15,9 @@ def lookup(registry: Registry, name: str, config_key: str) -> Any:
         return registry.get(name)
     known = sorted(k for k, _ in registry)
     hint = difflib.get_close_matches(name, known, n=1)
-    raise KeyError(
+    from ..config import ConfigError
+
+    raise ConfigError(
         f"{config_key} = '{name}' is not registered in {registry._name}"
         + (f"; did you mean '{hint[0]}'?" if hint else "")
         + f" (known: {', '.join(known)}; a plugin must be imported through PLUGINS or --plugin)"

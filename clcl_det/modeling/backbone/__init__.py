@@ -1,1 +1,2 @@
-
+"""Backbones."""
+from . import clip_vit  # noqa: F401  (registration)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Tuple
 
 import open_clip
+import torch
 from torch import nn
 
 __all__ = ["build_clip", "clip_cache_dir", "PROJECT_PRETRAINED"]
@@ -49,9 +50,12 @@ def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
         logger.info(f"CLIP: {arch} with weights '{pretrained}'")
     else:
         logger.info(f"CLIP: {arch} with random weights (MODEL.CLIP.PRETRAINED is empty)")
-    model = open_clip.create_model(
-        arch, pretrained=pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True
-    )
+    # random weights are a function of SEED, so a resumed or eval-only run sees the same CLIP
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(max(cfg.SEED, 0))
+        model = open_clip.create_model(
+            arch, pretrained=pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True
+        )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, tokenizer

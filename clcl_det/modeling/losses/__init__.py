@@ -1,1 +1,1 @@
-
+"""Continual losses."""

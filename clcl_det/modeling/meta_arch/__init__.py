@@ -1,1 +1,2 @@
-
+"""Meta-architectures."""
+from . import fvit  # noqa: F401  (registration)

@@ -1,1 +1,2 @@
-
+"""Proposal generators."""
+from . import rpn  # noqa: F401  (registration)

@@ -1,0 +1,383 @@
+"""Continual-learning tables: old / new / all means per stage, forgetting, zero-shot AP.
+
+Tasks are 0-based here (``task_ranges[t]`` are the classes learned in task ``t``); printed
+text says "task t+1/T". After task t the classes are grouped as **old** (tasks < t),
+**new** (task t), **seen** = old + new, and **future** (tasks > t; evaluated zero-shot if the
+engine asks for it).
+
+Stage record (``build_stage``; what ``OUTPUT_DIR/task_<t>/metrics.json`` holds; NaN is written
+as ``null``)::
+
+    {
+      "task": 1,                    # 0-based index into task_ranges
+      "num_tasks": 2,
+      "metric": "AP50",             # per-class key the means are taken over
+      "ap_definition": "AP50, VOC07 11-point",
+      "groups": {"old": [0, ..., 9], "new": [10, ..., 19], "future": []},   # class indices
+      "per_class": {"aeroplane": {"AP50": 71.2, "AP50_voc07": 71.2, "AP50_area": 73.0}, ...},
+                                    # seen classes, as the evaluator returned them
+      "zero_shot": {"cow": {"AP50": 3.1, ...}, ...},   # future classes; {} if not evaluated
+      "summary": {"mAP@B": 70.1, "mAP@N": 60.2, "mAP@A": 65.1, "zero_shot_mAP": 3.1},
+                                    # mAP@B / mAP@N absent at task 0; zero_shot_mAP only with zero_shot
+      "extra": {...}                # anything else the engine stores (iteration, evaluator results)
+    }
+
+``summarize_stages`` turns the list of stage records into::
+
+    {
+      "metric": "AP50", "ap_definition": "...", "num_tasks": 2, "class_names": [...],
+      "stages": [{"task": 0, "mAP@A": .., "mAP@B": .., "mAP@N": .., "zero_shot_mAP": ..}, ...],
+      "per_class": {name: [AP after task 0, AP after task 1, ...]},   # None before learned
+      "zero_shot": {name: [zero-shot AP at each stage, None once learned / not evaluated]},
+      "forgetting": {name: {"best": , "best_task": , "final": , "forgetting": }},
+                                    # classes learned before the final stage
+      "mean_forgetting": float
+    }
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from tabulate import tabulate
+
+__all__ = [
+    "describe_ap", "stage_metrics", "build_stage", "format_stage_table", "summarize_stages",
+    "format_summary", "plot_stages", "write_json", "read_json",
+]
+
+_AP_WORDS = {
+    "voc07": "VOC07 11-point",
+    "area": "area under the interpolated PR curve",
+    "coco": "COCO 101-point",
+}
+
+
+def describe_ap(key: str, ap_method: str) -> str:
+    """Words for an AP definition, e.g. ``describe_ap("AP50", "voc07") -> "AP50, VOC07 11-point"``.
+
+    `ap_method` is ``"voc07"``, ``"area"`` or ``"coco"``; ``"AP"`` with ``"coco"`` reads
+    ``"AP@[.5:.95], COCO 101-point"``.
+    """
+    if ap_method not in _AP_WORDS:
+        raise ValueError(f"describe_ap: unknown ap_method '{ap_method}'; expected one of {sorted(_AP_WORDS)}")
+    name = "AP@[.5:.95]" if key == "AP" else key
+    return f"{name}, {_AP_WORDS[ap_method]}"
+
+
+def _num(x: Any) -> float:
+    """A stored metric as float (None, i.e. JSON null, is NaN)."""
+    return float("nan") if x is None else float(x)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _value(per_class: Mapping[str, Mapping[str, Any]], name: str, key: str) -> float:
+    if name not in per_class:
+        raise KeyError(f"no per-class result for class '{name}' (have: {', '.join(per_class) or 'none'})")
+    if key not in per_class[name]:
+        raise KeyError(f"per-class result of '{name}' has no '{key}' (keys: {', '.join(per_class[name])})")
+    return _num(per_class[name][key])
+
+
+def stage_metrics(
+    per_class: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    old: Sequence[int],
+    new: Sequence[int],
+    key: str,
+) -> Dict[str, float]:
+    """``{"mAP@B": mean over old, "mAP@N": mean over new, "mAP@A": mean over old + new}``.
+
+    Means are over classes, NaN (no GT) left out. Without old classes (first task) only
+    ``mAP@A`` is returned.
+    """
+    old_vals = [_value(per_class, class_names[c], key) for c in old]
+    new_vals = [_value(per_class, class_names[c], key) for c in new]
+    out: Dict[str, float] = {}
+    if len(old_vals):
+        out["mAP@B"] = _nanmean(old_vals)
+        out["mAP@N"] = _nanmean(new_vals)
+    out["mAP@A"] = _nanmean(old_vals + new_vals)
+    return out
+
+
+def _groups(t: int, task_ranges: Sequence[Sequence[int]]) -> Dict[str, List[int]]:
+    if not 0 <= t < len(task_ranges):
+        raise ValueError(f"task index {t} outside 0..{len(task_ranges) - 1}")
+    return {
+        "old": [int(c) for r in task_ranges[:t] for c in r],
+        "new": [int(c) for c in task_ranges[t]],
+        "future": [int(c) for r in task_ranges[t + 1:] for c in r],
+    }
+
+
+def build_stage(
+    t: int,
+    task_ranges: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    per_class: Mapping[str, Mapping[str, Any]],
+    key: str,
+    ap_definition: str,
+    zero_shot: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The stage record after task `t` (structure in the module docstring).
+
+    `per_class` is the evaluator's ``per_class`` on the seen classes (extra classes are
+    ignored); `zero_shot` the same for future classes, if they were evaluated.
+    """
+    groups = _groups(t, task_ranges)
+    seen = groups["old"] + groups["new"]
+    summary = stage_metrics(per_class, class_names, groups["old"], groups["new"], key)
+    zs: Dict[str, Dict[str, Any]] = {}
+    if zero_shot:
+        zs = {class_names[c]: dict(zero_shot[class_names[c]]) for c in groups["future"]
+              if class_names[c] in zero_shot}
+        if zs:
+            summary["zero_shot_mAP"] = _nanmean([_value(zs, n, key) for n in zs])
+    return {
+        "task": int(t),
+        "num_tasks": len(task_ranges),
+        "metric": key,
+        "ap_definition": ap_definition,
+        "groups": groups,
+        "per_class": {class_names[c]: dict(per_class[class_names[c]]) for c in seen},
+        "zero_shot": zs,
+        "summary": summary,
+        "extra": dict(extra or {}),
+    }
+
+
+def _fmt(x: Any) -> str:
+    x = _num(x)
+    return "nan" if math.isnan(x) else f"{x:.2f}"
+
+
+def _span(classes: Sequence[int]) -> str:
+    if not classes:
+        return "none"
+    c = sorted(classes)
+    if c == list(range(c[0], c[-1] + 1)):
+        return f"{c[0]}-{c[-1]}" if len(c) > 1 else f"{c[0]}"
+    return ",".join(map(str, c))
+
+
+def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tablefmt: str = "github") -> str:
+    """Per-class table of one stage record: class, group (old / new / zero-shot), AP columns.
+
+    The header names the task, the AP definition and the class groups; the last line is
+    ``mAP@B / mAP@N / mAP@A`` (and the zero-shot mean when present).
+    """
+    key = stage["metric"]
+    groups = stage["groups"]
+    per_class, zero_shot = stage["per_class"], stage.get("zero_shot") or {}
+    columns = [key] + sorted({k for v in list(per_class.values()) + list(zero_shot.values())
+                              for k in v if k != key and isinstance(v[k], (int, float, type(None)))})
+    rows = []
+    for group, label, source in (("old", "old", per_class), ("new", "new", per_class),
+                                 ("future", "zero-shot", zero_shot)):
+        for c in groups[group]:
+            name = class_names[c]
+            if name in source:
+                rows.append([c, name, label] + [_fmt(source[name].get(k)) for k in columns])
+    t, T = stage["task"], stage["num_tasks"]
+    header = (
+        f"Task {t + 1}/{T} — {stage['ap_definition']} (percent); "
+        f"classes old: {_span(groups['old'])}, new: {_span(groups['new'])}"
+        + (f", zero-shot: {_span([c for c in groups['future'] if class_names[c] in zero_shot])}"
+           if zero_shot else "")
+    )
+    table = tabulate(rows, headers=["id", "class", "group"] + columns, tablefmt=tablefmt,
+                     disable_numparse=True, colalign=("right", "left", "left") + ("right",) * len(columns))
+    s = stage["summary"]
+    if "mAP@B" in s:
+        last = f"mAP@B / mAP@N / mAP@A ({key}): {_fmt(s['mAP@B'])} / {_fmt(s['mAP@N'])} / {_fmt(s['mAP@A'])}"
+    else:
+        last = f"mAP@A ({key}, first task: no old classes): {_fmt(s['mAP@A'])}"
+    if "zero_shot_mAP" in s:
+        last += f"; zero-shot mAP of {len(zero_shot)} future classes: {_fmt(s['zero_shot_mAP'])}"
+    return f"{header}\n{table}\n{last}"
+
+
+def summarize_stages(
+    stages: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    task_ranges: Sequence[Sequence[int]],
+) -> Dict[str, Any]:
+    """Across-stage summary (structure in the module docstring) of stage records in task order.
+
+    Groups are recomputed from `task_ranges`. Forgetting of a class learned before the final
+    stage = its best AP at an earlier stage (from the task it was learned on) − its AP at the
+    final stage. Stages need not start at task 0 (e.g. a resumed run), but must be increasing.
+    """
+    if not stages:
+        raise ValueError("summarize_stages: no stage records")
+    tasks = [int(s["task"]) for s in stages]
+    if tasks != sorted(set(tasks)):
+        raise ValueError(f"summarize_stages: stage tasks must be increasing and unique, got {tasks}")
+    key = stages[-1]["metric"]
+    num_stages = len(stages)
+    per_class: Dict[str, List[Optional[float]]] = {n: [None] * num_stages for n in class_names}
+    zero_shot: Dict[str, List[Optional[float]]] = {n: [None] * num_stages for n in class_names}
+    rows: List[Dict[str, Any]] = []
+    for i, stage in enumerate(stages):
+        t = int(stage["task"])
+        g = _groups(t, task_ranges)
+        row: Dict[str, Any] = {"task": t}
+        row.update(stage_metrics(stage["per_class"], class_names, g["old"], g["new"], key))
+        for c in g["old"] + g["new"]:
+            per_class[class_names[c]][i] = _value(stage["per_class"], class_names[c], key)
+        zs = stage.get("zero_shot") or {}
+        zs_vals = []
+        for c in g["future"]:
+            if class_names[c] in zs:
+                zero_shot[class_names[c]][i] = _value(zs, class_names[c], key)
+                zs_vals.append(zero_shot[class_names[c]][i])
+        if zs_vals:
+            row["zero_shot_mAP"] = _nanmean(zs_vals)
+        rows.append(row)
+
+    final_groups = _groups(tasks[-1], task_ranges)
+    forgetting: Dict[str, Dict[str, Any]] = {}
+    for c in final_groups["old"]:
+        name = class_names[c]
+        earlier = [(v, tasks[i]) for i, v in enumerate(per_class[name][:-1])
+                   if v is not None and not math.isnan(v)]
+        final = per_class[name][-1]
+        if not earlier or final is None or math.isnan(final):
+            continue
+        best, best_task = max(earlier, key=lambda x: x[0])
+        forgetting[name] = {"best": best, "best_task": best_task, "final": final, "forgetting": best - final}
+
+    def _null(v: Optional[float]) -> Optional[float]:
+        return None if v is None or math.isnan(v) else v
+
+    return {
+        "metric": key,
+        "ap_definition": stages[-1]["ap_definition"],
+        "num_tasks": len(task_ranges),
+        "class_names": list(class_names),
+        "stages": rows,
+        "per_class": {n: [_null(v) for v in vals] for n, vals in per_class.items()},
+        "zero_shot": {n: [_null(v) for v in vals] for n, vals in zero_shot.items()
+                      if any(v is not None for v in vals)},
+        "forgetting": forgetting,
+        "mean_forgetting": _nanmean([f["forgetting"] for f in forgetting.values()]),
+    }
+
+
+def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
+    """Text of a `summarize_stages` result: per-stage means, per-class AP matrix, forgetting."""
+    key, T = summary["metric"], summary["num_tasks"]
+    stages = summary["stages"]
+    has_zs = any("zero_shot_mAP" in s for s in stages)
+    heads = ["after task", "mAP@A", "mAP@B", "mAP@N"] + (["zero-shot mAP"] if has_zs else [])
+    rows = [[f"{s['task'] + 1}/{T}", _fmt(s["mAP@A"]),
+             _fmt(s["mAP@B"]) if "mAP@B" in s else "-", _fmt(s["mAP@N"]) if "mAP@N" in s else "-"]
+            + ([_fmt(s["zero_shot_mAP"]) if "zero_shot_mAP" in s else "-"] if has_zs else [])
+            for s in stages]
+    parts = [
+        f"Continual summary — {summary['ap_definition']} (percent); "
+        f"B = old classes, N = new classes of the task, A = all seen",
+        tabulate(rows, headers=heads, tablefmt=tablefmt, disable_numparse=True,
+                 colalign=("left",) + ("right",) * (len(heads) - 1)),
+    ]
+    task_heads = [f"task {s['task'] + 1}" for s in stages]
+    matrix = []
+    for name in summary["class_names"]:
+        learned = summary["per_class"][name]
+        zs = summary["zero_shot"].get(name, [None] * len(stages))
+        if all(v is None for v in learned) and all(v is None for v in zs):
+            continue
+        cells = [_fmt(v) if v is not None else (f"({_fmt(z)})" if z is not None else "-")
+                 for v, z in zip(learned, zs)]
+        f = summary["forgetting"].get(name)
+        matrix.append([name] + cells + [_fmt(f["forgetting"]) if f else "-"])
+    parts.append(f"Per-class {key} after each task (zero-shot AP of not-yet-learned classes in parentheses)")
+    parts.append(tabulate(matrix, headers=["class"] + task_heads + ["forgetting"], tablefmt=tablefmt,
+                          disable_numparse=True, colalign=("left",) + ("right",) * (len(task_heads) + 1)))
+    if summary["forgetting"]:
+        parts.append(
+            f"Forgetting (best earlier {key} − final {key}), mean over "
+            f"{len(summary['forgetting'])} old classes: {_fmt(summary['mean_forgetting'])}"
+        )
+    return "\n".join(parts)
+
+
+def _atomic_target(path: str, suffix: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def plot_stages(summary: Mapping[str, Any], path: str) -> None:
+    """PNG of mAP@A / mAP@B / mAP@N (and zero-shot mAP if present) per task, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stages = summary["stages"]
+    x = [s["task"] + 1 for s in stages]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, label, style in (("mAP@A", "all seen (A)", "o-"), ("mAP@B", "old (B)", "s--"),
+                               ("mAP@N", "new (N)", "^--"), ("zero_shot_mAP", "zero-shot (future)", "x:")):
+        ys = [_num(s.get(name)) for s in stages]
+        if any(not math.isnan(y) for y in ys):
+            ax.plot(x, ys, style, label=label)
+    ax.set_xlabel("after task")
+    ax.set_ylabel(f"m{summary['metric']} (%)")
+    ax.set_xticks(x)
+    ax.set_title(summary["ap_definition"], fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = _atomic_target(path, ".png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _nan_to_none(obj.item())
+    if isinstance(obj, Mapping):
+        return {str(k): _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, range)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Write `obj` as indented JSON atomically (tmp + rename); NaN becomes ``null``."""
+    tmp = _atomic_target(path, ".json")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path: str) -> Any:
+    """Read a file written by `write_json` (``null`` metrics stay None; the functions here read them as NaN)."""
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,353 @@
+"""The recipe that pretrains the project's tiny CLIP (`shapes-tiny`) on Shapes, and its cache.
+
+Every step trains both towers on Shapes *train* images (the test split is never read):
+
+- **Dense alignment**: full images (random flip and zoom) go through `CLIPDenseEncoder`, exactly
+  the dense map V the detector computes (final block without token mixing, `ln_post`, `proj`,
+  L2-norm). Each patch cell is classified by a softmax over the text embeddings of the 20 class
+  names and of the background prompt, with a soft target: the fraction of the cell's pixels that
+  each class (or the background) covers in the Shapes class map. Object cells weigh more.
+- **Crop-caption contrast**: object crops (class-balanced, random context and jitter) go through
+  `encode_image` and are contrasted against the captions of all 20 classes.
+
+Text embeddings are drawn afresh at every step: per class, a few random prompt templates of
+`TINY.TEMPLATES` (plus the bare name), averaged - so the prompt ensemble the detector computes
+lands where training put the classes. Warm-up then cosine decay; AdamW.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
+from ...data.datasets.voc import load_voc_instances
+from ..text import TEMPLATE_SETS
+from .dense import CLIPDenseEncoder
+from .factory import clip_cache_dir
+
+__all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
+
+logger = logging.getLogger(__name__)
+
+_SECONDS_PER_STEP_HINT = 0.6  # 2-core CPU, default recipe (for the "how long" log line only)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+
+
+def recipe_key(cfg: Any) -> Dict[str, Any]:
+    """Everything the pretrained weights depend on: the recipe keys, the model config, the Shapes
+    spec, the background prompt and the pixel normalisation."""
+    arch = cfg.MODEL.CLIP.ARCH
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ValueError(f"MODEL.CLIP.ARCH '{arch}' has no open_clip model config")
+    return {
+        "arch": arch,
+        "model_config": model_cfg,
+        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.MODEL.CLIP.TINY.items())},
+        "shapes": ShapesSpec.from_cfg(cfg).to_dict(),
+        "background_prompt": cfg.MODEL.CLIP.BACKGROUND_PROMPT,
+        "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+        "pixel_std": list(cfg.MODEL.PIXEL_STD),
+    }
+
+
+def tiny_clip_path(cfg: Any) -> str:
+    """`<cache dir>/shapes-tiny-<hash>.pt`; the hash covers `recipe_key(cfg)`."""
+    key = json.dumps(recipe_key(cfg), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    arch = cfg.MODEL.CLIP.ARCH
+    name = f"shapes-tiny-{digest}.pt" if arch == "shapes-tiny" else f"{arch}-shapes-{digest}.pt"
+    return os.path.join(clip_cache_dir(cfg), name)
+
+
+def ensure_shapes_tiny(cfg: Any, force: bool = False) -> str:
+    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
+    `force`). Building runs under a file lock (concurrent processes build it once) and the file
+    is written atomically."""
+    path = tiny_clip_path(cfg)
+    if os.path.isfile(path) and not force:
+        return path
+    with file_lock(path + ".lock"):
+        if os.path.isfile(path) and not force:  # built by another process while we waited
+            return path
+        t = cfg.MODEL.CLIP.TINY
+        est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
+        logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
+                    f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
+        start = time.perf_counter()
+        pretrain_tiny_clip(cfg, path)
+        logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min: '{path}'")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class ShapesTrainData:
+    """The Shapes train split in memory: uint8 images (N, 3, S, S), class maps (N, S, S) with
+    0 = background and k + 1 = class k, and one row per object (image index, x0, y0, x1, y1, class)."""
+
+    def __init__(self, images: Tensor, masks: Tensor, objects: Tensor):
+        self.images, self.masks, self.objects = images, masks, objects
+
+    @classmethod
+    def load(cls, root: str, class_names: Sequence[str] = SHAPES_CLASSES) -> "ShapesTrainData":
+        dicts = load_voc_instances(root, "train", class_names)
+        if not dicts:
+            raise ValueError(f"the Shapes train split in '{root}' is empty: the tiny CLIP needs training images")
+        images, masks, objects = [], [], []
+        for i, d in enumerate(dicts):
+            with Image.open(d["file_name"]) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            seg = os.path.join(root, "SegmentationClass", f"{d['image_id']}.png")
+            with Image.open(seg) as m:
+                masks.append(np.asarray(m, dtype=np.uint8))
+            for a in d["annotations"]:
+                objects.append([i, *a["bbox"], a["category_id"]])
+        if not objects:
+            raise ValueError(f"the Shapes train split in '{root}' has no objects")
+        return cls(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                   torch.from_numpy(np.stack(masks)), torch.tensor(objects, dtype=torch.float32))
+
+
+def _affine_sample(images: Tensor, theta: Tensor, size: int, mode: str) -> Tensor:
+    grid = F.affine_grid(theta, [len(images), images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def _zoom_theta(n: int, max_zoom: float, gen: torch.Generator) -> Tensor:
+    """Affine maps (n, 2, 3) of random zoom-in crops (scale 1..max_zoom) with a random flip."""
+    zoom = 1 + torch.rand(n, generator=gen) * (max_zoom - 1)
+    half = 1 / zoom  # half side of the crop in [-1, 1] units
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - half)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - half)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = half * flip, half
+    theta[:, 0, 2], theta[:, 1, 2] = cx, cy
+    return theta
+
+
+def _crop_theta(boxes: Tensor, image_size: int, context: Tuple[float, float], gen: torch.Generator) -> Tensor:
+    """Affine maps of square crops around XYXY `boxes` with random context, jitter and flip."""
+    n = len(boxes)
+    wh = (boxes[:, 2:] - boxes[:, :2]).amax(1)
+    ctx = context[0] + torch.rand(n, generator=gen) * (context[1] - context[0])
+    side = (wh * (1 + 2 * ctx)).clamp(max=image_size)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand(n, 2, generator=gen) - 0.5) * 0.2 * side[:, None]
+    half = side / image_size
+    c = centre / image_size * 2 - 1
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = half * flip, half
+    theta[:, 0, 2], theta[:, 1, 2] = c[:, 0], c[:, 1]
+    return theta
+
+
+class _Batches:
+    """Random training batches drawn with one torch.Generator (deterministic given the seed)."""
+
+    def __init__(self, data: ShapesTrainData, num_classes: int, pixel_mean: Sequence[float],
+                 pixel_std: Sequence[float], stride: int, max_zoom: float, crop_context: Tuple[float, float],
+                 seed: int):
+        self.data, self.K, self.stride = data, num_classes, stride
+        self.max_zoom, self.crop_context = max_zoom, crop_context
+        self.mean = torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(pixel_std).view(1, 3, 1, 1) * 255
+        self.gen = torch.Generator().manual_seed(seed)
+        self._perm: List[int] = []
+        labels = data.objects[:, 5].long()
+        self.by_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
+        self.present = [k for k in range(num_classes) if len(self.by_class[k])]
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def dense(self, n: int) -> Tuple[Tensor, Tensor]:
+        """n zoomed/flipped images and their per-cell soft targets (n, K + 1, h, w); channel 0 is
+        the background, channel k + 1 class k."""
+        idx = []
+        while len(idx) < n:
+            if not self._perm:
+                self._perm = torch.randperm(len(self.data.images), generator=self.gen).tolist()
+            idx.append(self._perm.pop())
+        images = self.data.images[idx].float()
+        onehot = F.one_hot(self.data.masks[idx].long(), self.K + 1).permute(0, 3, 1, 2).float()
+        size = images.shape[-1]
+        theta = _zoom_theta(n, self.max_zoom, self.gen)
+        images = _affine_sample(images, theta, size, "bilinear")
+        onehot = _affine_sample(onehot, theta, size, "nearest")
+        return self._normalise(images), F.avg_pool2d(onehot, self.stride)
+
+    def crops(self, n: int, size: int) -> Tuple[Tensor, Tensor]:
+        """n object crops (classes drawn uniformly among those present) resized to `size`, and labels."""
+        cls = torch.tensor(self.present)[torch.randint(len(self.present), (n,), generator=self.gen)]
+        rows = torch.stack([self.by_class[int(k)][torch.randint(len(self.by_class[int(k)]), (1,), generator=self.gen)]
+                            for k in cls]).flatten()
+        obj = self.data.objects[rows]
+        images = self.data.images[obj[:, 0].long()].float()
+        theta = _crop_theta(obj[:, 1:5], images.shape[-1], self.crop_context, self.gen)
+        # pad with the mean colour so out-of-image areas look neutral after normalisation
+        crops = _affine_sample(images - self.mean, theta, size, "bilinear") + self.mean
+        return self._normalise(crops), obj[:, 5].long()
+
+
+# ----------------------------------------------------------------------------------------------
+# text
+
+
+class _PromptSampler:
+    """Per step, each name's embedding = the mean of a few randomly templated prompts (with grad)."""
+
+    def __init__(self, tokenizer: Any, names: Sequence[str], templates: str, per_name: int, gen: torch.Generator):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"MODEL.CLIP.TINY.TEMPLATES '{templates}' is not one of {sorted(TEMPLATE_SETS)}")
+        fns = list(TEMPLATE_SETS[templates]) + [lambda c: c]  # the bare name too
+        # (num_templates, num_names, context)
+        self.tokens = torch.stack([tokenizer([f(n) for n in names]) for f in fns])
+        self.per_name, self.gen = per_name, gen
+
+    def __call__(self, clip: nn.Module) -> Tensor:
+        T, N, L = self.tokens.shape
+        pick = torch.randint(T, (self.per_name, N), generator=self.gen)
+        tokens = self.tokens[pick, torch.arange(N)[None].expand_as(pick)].reshape(-1, L)
+        emb = F.normalize(clip.encode_text(tokens.to(clip.logit_scale.device)), dim=-1)
+        return F.normalize(emb.view(self.per_name, N, -1).mean(0), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding" in name or name == "logit_scale":  # norms, biases, embeddings
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(it: int, total: int, warmup: int) -> float:
+    if it < warmup:
+        return (it + 1) / warmup
+    progress = (it - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _device(cfg: Any) -> torch.device:
+    want = cfg.MODEL.DEVICE
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Any] = None) -> Dict[str, float]:
+    """Run the recipe `cfg.MODEL.CLIP.TINY` and save the state_dict atomically at `out_path`.
+
+    `eval_fn(model, step)` (optional) is called every `TINY.EVAL_PERIOD` steps and at the end, for
+    monitoring; it must not train. Returns the final losses and the wall time.
+    """
+    t = cfg.MODEL.CLIP.TINY
+    arch = cfg.MODEL.CLIP.ARCH
+    device = _device(cfg)
+    spec = ShapesSpec.from_cfg(cfg)
+    data = ShapesTrainData.load(ensure_shapes(spec))
+    names = list(SHAPES_CLASSES) + [cfg.MODEL.CLIP.BACKGROUND_PROMPT]
+    K = len(SHAPES_CLASSES)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.SEED)
+        model = open_clip.create_model(arch, pretrained=None, device=device)
+    model.train()
+    encoder = CLIPDenseEncoder(model.visual).train()
+    tokenizer = open_clip.get_tokenizer(arch)
+    size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
+               else model.visual.image_size)
+    gen = torch.Generator().manual_seed(t.SEED + 1)
+    batches = _Batches(data, K, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, encoder.patch_size, t.MAX_ZOOM,
+                       tuple(t.CROP_CONTEXT), t.SEED + 2)
+    prompts = _PromptSampler(tokenizer, names, t.TEMPLATES, t.PROMPTS_PER_CLASS, gen)
+    opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6)
+    warmup = int(round(t.WARMUP_ITERS))
+    log_period = max(1, t.ITERS // 20)
+    stats: Dict[str, float] = {}
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(range(t.ITERS), desc="tiny CLIP", unit="step", leave=False)
+    for it in bar:
+        for g in opt.param_groups:
+            g["lr"] = t.LR * _lr_factor(it, t.ITERS, warmup)
+        text = prompts(model)  # (K + 1, D)
+        scale = model.logit_scale.exp().clamp(max=100.0)
+        loss = torch.zeros((), device=device)
+        if t.BATCH_SIZE > 0 and t.DENSE_WEIGHT > 0:
+            images, target = batches.dense(t.BATCH_SIZE)
+            _, dense = encoder(images.to(device))
+            target = target.to(device)
+            # classes (incl. background) in target order: background first
+            order = torch.cat([text[K:], text[:K]])
+            logits = scale * torch.einsum("bdhw,kd->bkhw", dense, order)
+            ce = -(target * F.log_softmax(logits, dim=1)).sum(1)  # b, h, w
+            weight = 1 + (t.OBJECT_WEIGHT - 1) * (1 - target[:, 0])
+            dense_loss = (weight * ce).sum() / weight.sum()
+            loss = loss + t.DENSE_WEIGHT * dense_loss
+            stats["dense"] = float(dense_loss)
+        if t.CROP_BATCH_SIZE > 0:
+            crops, labels = batches.crops(t.CROP_BATCH_SIZE, size)
+            feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
+            crop_loss = F.cross_entropy(scale * feats @ text[:K].T, labels.to(device))
+            loss = loss + crop_loss
+            stats["crop"] = float(crop_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (it + 1) % log_period == 0 or it + 1 == t.ITERS:
+            elapsed = time.perf_counter() - start
+            msg = " ".join(f"{k} {v:.3f}" for k, v in stats.items())
+            logger.info(f"tiny CLIP step {it + 1}/{t.ITERS}: {msg} scale {float(scale):.1f} "
+                        f"lr {opt.param_groups[0]['lr']:.2e} ({elapsed:.0f}s, eta {elapsed / (it + 1) * (t.ITERS - it - 1):.0f}s)")
+        if eval_fn is not None and t.EVAL_PERIOD > 0 and (it + 1) % t.EVAL_PERIOD == 0 and it + 1 < t.ITERS:
+            eval_fn(model, it + 1)
+    bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    model.eval()
+    if eval_fn is not None:
+        eval_fn(model, t.ITERS)
+    _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
+    return stats
+
+
+def _save_atomic(state: Dict[str, Tensor], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)

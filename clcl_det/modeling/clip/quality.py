@@ -1,0 +1,178 @@
+"""How good a CLIP is at what the detector asks of it, measured on labelled boxes.
+
+- **Dense hit rate**: per ground-truth box, the class whose cost-volume response
+  `C = einsum('bdhw,kd->bkhw', V, T)` has the highest mean over the box's patch cells (cells whose
+  centre lies inside the box; at least the cell holding the box centre) must be the box's class.
+- **Crop accuracy**: each box, cropped square with a little context and resized to the CLIP input
+  size, is classified zero-shot by `encode_image` against the class text embeddings.
+
+V comes from `CLIPDenseEncoder` and T from `TextEncoder` (prompt ensemble), as in the detector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from .dense import CLIPDenseEncoder
+
+__all__ = [
+    "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
+    "load_images", "measure_clip",
+]
+
+
+@dataclass
+class ClassAccuracy:
+    """Per-class counts of correct decisions (K,) and of boxes (K,)."""
+
+    correct: Tensor
+    total: Tensor
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> "ClassAccuracy":
+        return cls(torch.zeros(num_classes, dtype=torch.long), torch.zeros(num_classes, dtype=torch.long))
+
+    @classmethod
+    def from_predictions(cls, pred: Tensor, labels: Tensor, num_classes: int) -> "ClassAccuracy":
+        labels = labels.long().cpu()
+        hit = (pred.long().cpu() == labels).long()
+        return cls(torch.bincount(labels, hit, minlength=num_classes).long(),
+                   torch.bincount(labels, minlength=num_classes).long())
+
+    def __add__(self, other: "ClassAccuracy") -> "ClassAccuracy":
+        return ClassAccuracy(self.correct + other.correct, self.total + other.total)
+
+    @property
+    def overall(self) -> float:
+        """Fraction of all boxes that are correct (NaN without boxes)."""
+        n = int(self.total.sum())
+        return float(self.correct.sum()) / n if n else float("nan")
+
+    def per_class(self, names: Sequence[str]) -> Dict[str, float]:
+        return {n: (float(c) / float(t) if t else float("nan"))
+                for n, c, t in zip(names, self.correct.tolist(), self.total.tolist())}
+
+
+def box_cell_mask(boxes: Tensor, h: int, w: int, stride: float) -> Tensor:
+    """(n, h, w) bool: the patch cells whose centre lies inside each XYXY box, and always the cell
+    holding the box centre (so small boxes get one cell)."""
+    boxes = boxes.float()
+    cy = (torch.arange(h, dtype=torch.float32, device=boxes.device) + 0.5) * stride
+    cx = (torch.arange(w, dtype=torch.float32, device=boxes.device) + 0.5) * stride
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
+    inside_x = (cx[None] >= x0) & (cx[None] <= x1)  # n, w
+    inside_y = (cy[None] >= y0) & (cy[None] <= y1)  # n, h
+    mask = inside_y[:, :, None] & inside_x[:, None, :]
+    ci = ((boxes[:, 1] + boxes[:, 3]) / 2 / stride).long().clamp(0, h - 1)
+    cj = ((boxes[:, 0] + boxes[:, 2]) / 2 / stride).long().clamp(0, w - 1)
+    mask[torch.arange(len(boxes), device=boxes.device), ci, cj] = True
+    return mask
+
+
+def box_responses(cost: Tensor, boxes: Tensor, stride: float) -> Tensor:
+    """(n, K): the mean of a (K, h, w) cost volume over each box's cells."""
+    K, h, w = cost.shape
+    mask = box_cell_mask(boxes.to(cost.device), h, w, stride).float()  # n, h, w
+    return torch.einsum("nhw,khw->nk", mask, cost.float()) / mask.sum((1, 2))[:, None]
+
+
+def dense_hit_rate(dense: Tensor, text: Tensor, boxes: Sequence[Tensor], labels: Sequence[Tensor],
+                   stride: float) -> ClassAccuracy:
+    """Hit counts of a batch: `dense` (B, D, h, w) dense maps, `text` (K, D) class embeddings,
+    per image the XYXY boxes (n_i, 4) in input pixels and their class ids (n_i,)."""
+    cost = torch.einsum("bdhw,kd->bkhw", dense.float(), text.float().to(dense.device))
+    acc = ClassAccuracy.zeros(text.shape[0])
+    for c, b, l in zip(cost, boxes, labels):
+        if len(b):
+            acc = acc + ClassAccuracy.from_predictions(box_responses(c, b, stride).argmax(1), l, text.shape[0])
+    return acc
+
+
+def square_crops(image: Tensor, boxes: Tensor, size: int, context: float = 0.1) -> Tensor:
+    """(n, C, size, size) crops of a (C, H, W) image: per box, a square of side
+    max(w, h) * (1 + 2 * context) around its centre, shifted to lie inside the image where
+    possible (zero padding otherwise), resized bilinearly."""
+    C, H, W = image.shape
+    out = []
+    for x0, y0, x1, y1 in boxes.float().tolist():
+        side = max(x1 - x0, y1 - y0) * (1 + 2 * context)
+        side = max(2.0, min(side, float(max(H, W))))
+        cx = min(max((x0 + x1) / 2, side / 2), W - side / 2) if side <= W else W / 2
+        cy = min(max((y0 + y1) / 2, side / 2), H - side / 2) if side <= H else H / 2
+        l, t = int(round(cx - side / 2)), int(round(cy - side / 2))
+        s = int(round(side))
+        crop = F.pad(image, (max(0, -l), max(0, l + s - W), max(0, -t), max(0, t + s - H)))
+        crop = crop[:, max(0, t):max(0, t) + s, max(0, l):max(0, l) + s]
+        out.append(F.interpolate(crop[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0])
+    return torch.stack(out) if out else image.new_zeros((0, C, size, size), dtype=torch.float32)
+
+
+@torch.no_grad()
+def crop_accuracy(clip_model: nn.Module, images: Sequence[Tensor], boxes: Sequence[Tensor],
+                  labels: Sequence[Tensor], text: Tensor, context: float = 0.1,
+                  batch_size: int = 64) -> ClassAccuracy:
+    """Zero-shot classification of box crops of normalised (C, H, W) images with `encode_image`."""
+    size = _input_size(clip_model)
+    crops = [square_crops(im, b, size, context) for im, b in zip(images, boxes) if len(b)]
+    if not crops:
+        return ClassAccuracy.zeros(text.shape[0])
+    crops_t = torch.cat(crops)
+    lab = torch.cat([l for l, b in zip(labels, boxes) if len(b)])
+    device = next(clip_model.parameters()).device
+    preds = []
+    for i in range(0, len(crops_t), batch_size):
+        f = F.normalize(clip_model.encode_image(crops_t[i:i + batch_size].to(device)).float(), dim=-1)
+        preds.append((f @ text.float().to(device).T).argmax(1).cpu())
+    return ClassAccuracy.from_predictions(torch.cat(preds), lab, text.shape[0])
+
+
+def _input_size(clip_model: nn.Module) -> int:
+    size = getattr(clip_model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def load_images(dataset_dicts: Sequence[Dict[str, Any]], pixel_mean: Sequence[float],
+                pixel_std: Sequence[float]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    """Normalised (3, H, W) images (RGB, mean/std in 0..1 units), XYXY boxes and class ids of
+    detectron2-style dataset dicts (XYXY_ABS boxes)."""
+    mean = torch.tensor(pixel_mean).view(3, 1, 1)
+    std = torch.tensor(pixel_std).view(3, 1, 1)
+    images, boxes, labels = [], [], []
+    for d in dataset_dicts:
+        with Image.open(d["file_name"]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        images.append((torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std)
+        annos = d.get("annotations", [])
+        boxes.append(torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4))
+        labels.append(torch.tensor([a["category_id"] for a in annos], dtype=torch.long))
+    return images, boxes, labels
+
+
+@torch.no_grad()
+def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Sequence[Dict[str, Any]],
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], batch_size: int = 50,
+                 crop_context: float = 0.1, progress: Optional[Callable[[int], None]] = None
+                 ) -> Dict[str, ClassAccuracy]:
+    """Dense hit rate and crop accuracy of `clip_model` on dataset dicts (all images the same size),
+    with `class_text` (K, D) the class embeddings in the dataset's class order."""
+    was_training = clip_model.training
+    clip_model.eval()
+    encoder = CLIPDenseEncoder(clip_model.visual).eval()
+    device = next(clip_model.parameters()).device
+    K = class_text.shape[0]
+    hits, crops = ClassAccuracy.zeros(K), ClassAccuracy.zeros(K)
+    for i in range(0, len(dataset_dicts), batch_size):
+        images, boxes, labels = load_images(dataset_dicts[i:i + batch_size], pixel_mean, pixel_std)
+        _, dense = encoder(torch.stack(images).to(device))
+        hits = hits + dense_hit_rate(dense, class_text, boxes, labels, stride=encoder.patch_size)
+        crops = crops + crop_accuracy(clip_model, images, boxes, labels, class_text, context=crop_context)
+        if progress is not None:
+            progress(len(images))
+    clip_model.train(was_training)
+    return {"dense_hit_rate": hits, "crop_accuracy": crops}

@@ -1,0 +1,173 @@
+"""F-ViT: frozen CLIP ViT -> simple pyramid -> FPN -> RPN -> RoI head with a text classifier."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from ..backbone.build import build_backbone
+from ..clip.factory import build_clip
+from ..context import HeadContext
+from ..losses.build import build_continual_losses
+from ..proposal_generator.build import build_proposal_generator
+from ..roi_heads.build import build_roi_heads
+from ..text import TextEncoder
+from .build import META_ARCH_REGISTRY
+
+__all__ = ["FViT"]
+
+
+@META_ARCH_REGISTRY.register()
+class FViT(nn.Module):
+    """The detector. Takes a list of mapped dicts (``image`` uint8 3xHxW, and in training ``boxes``
+    / ``classes`` / ``seed``) and returns a dict of losses (training) or, per image,
+    ``{boxes, scores, labels}`` in original image pixels (inference).
+
+    The frozen open_clip model is held outside the module tree: it is not in `parameters()`,
+    `state_dict()` or DDP; `.to()` still moves it. The vocabulary (class names, their text
+    embeddings) is set per task by `begin_task`; modules with `on_task_start(task, model)` /
+    `on_task_end(task, model)` take part in the continual life cycle.
+    """
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        clip, tokenizer = build_clip(cfg)
+        object.__setattr__(self, "clip", clip)
+        object.__setattr__(self, "teacher", None)
+        self.text = TextEncoder(clip, tokenizer, cfg.MODEL.CLIP.TEMPLATES)
+        self.backbone = build_backbone(cfg, clip)
+        self.proposal_generator = build_proposal_generator(cfg, self.backbone.out_channels, self.backbone.strides)
+        self.roi_heads = build_roi_heads(cfg, self.backbone.out_channels, self.backbone.level_names,
+                                         self.backbone.embed_dim)
+        self.continual_losses = build_continual_losses(cfg)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1), persistent=False)
+        self.register_buffer("class_embeddings", torch.zeros(0, self.backbone.embed_dim), persistent=False)
+        self.register_buffer("background_embedding", self.text.encode_classes([cfg.MODEL.CLIP.BACKGROUND_PROMPT])[0],
+                             persistent=False)
+        self.image_size = cfg.INPUT.IMAGE_SIZE
+        self.class_names: List[str] = []
+        self.task = None
+
+    # -- module plumbing ----------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):  # moves the frozen CLIP along with the detector
+        super()._apply(fn, *args, **kwargs)
+        self.clip._apply(fn)
+        return self
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "FViT":
+        """Copies share the frozen CLIP (teacher snapshots cost only the trainable part)."""
+        memo[id(self.clip)] = self.clip
+        memo[id(self.text)] = self.text
+        if self.teacher is not None:
+            memo[id(self.teacher)] = None
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, copy.deepcopy(v, memo))
+        return new
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def set_teacher(self, teacher: Optional[nn.Module]) -> None:
+        """The previous task's frozen model, used by continual losses that need it."""
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
+
+    # -- vocabulary and continual life cycle ---------------------------------------------------
+    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+        """Classes the detector scores, in learning order."""
+        self.class_names = list(class_names)
+        self.class_embeddings = self.text.encode_classes(self.class_names).to(self.device)
+
+    @contextlib.contextmanager
+    def vocabulary(self, class_names: Sequence[str]) -> Iterator[None]:
+        """Temporarily score another vocabulary (zero-shot evaluation of classes not learned yet)."""
+        saved = (self.class_names, self.class_embeddings)
+        self.set_vocabulary(class_names)
+        try:
+            yield
+        finally:
+            self.class_names, self.class_embeddings = saved
+
+    def _children_with(self, hook: str) -> List[nn.Module]:
+        return [m for m in self.modules() if m is not self and callable(getattr(m, hook, None))]
+
+    def begin_task(self, task: Any) -> None:
+        """Grow the vocabulary to the task's seen classes; let modules create per-class state."""
+        self.task = task
+        self.set_vocabulary(task.class_names)
+        for m in self._children_with("on_task_start"):
+            m.on_task_start(task, self)
+        self.to(self.device)
+
+    def end_task(self, task: Any) -> None:
+        """Let modules freeze or summarise what the task learned."""
+        for m in self._children_with("on_task_end"):
+            m.on_task_end(task, self)
+
+    # -- forward --------------------------------------------------------------------------------
+    def preprocess(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalise and pad into a batch whose side is a multiple of the backbone's divisibility."""
+        div = self.backbone.size_divisibility
+        images = [((x["image"].to(self.device).float() / 255.0) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        side_h = max(self.image_size, max(im.shape[1] for im in images))
+        side_w = max(self.image_size, max(im.shape[2] for im in images))
+        side_h, side_w = -(-side_h // div) * div, -(-side_w // div) * div
+        batch = images[0].new_zeros(len(images), 3, side_h, side_w)
+        for b, im in zip(batch, images):
+            b[:, : im.shape[1], : im.shape[2]].copy_(im)
+        return ImageList(batch, [(int(im.shape[1]), int(im.shape[2])) for im in images])
+
+    def make_context(self, clip_dense: Tensor, image_sizes: List[Tuple[int, int]]) -> HeadContext:
+        return HeadContext(self.class_embeddings, self.background_embedding, clip_dense,
+                           self.backbone.clip_stride, image_sizes, self.task)
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        if not self.class_names:
+            raise RuntimeError("the detector has no vocabulary: call begin_task(task) or set_vocabulary(names)")
+        images = self.preprocess(batched_inputs)
+        bb = self.backbone(images.tensors)
+        features = bb["features"]
+        ctx = self.make_context(bb["clip_dense"], images.image_sizes)
+        if not self.training:
+            proposals, _, _ = self.proposal_generator(images, features)
+            detections, _ = self.roi_heads(features, proposals, ctx)
+            return self.postprocess(detections, batched_inputs, images.image_sizes)
+        targets = []
+        for x in batched_inputs:
+            labels = x["classes"].to(self.device)
+            if labels.numel() and int(labels.max()) >= len(self.class_names):
+                raise ValueError(f"{x.get('file_name')}: label {int(labels.max())} outside the vocabulary "
+                                 f"of {len(self.class_names)} classes")
+            targets.append({"boxes": x["boxes"].to(self.device).float(), "labels": labels})
+        seeds = [x.get("seed") for x in batched_inputs]
+        proposals, losses, rpn_raw = self.proposal_generator(images, features, targets, seeds)
+        roi_losses, roi_out = self.roi_heads(features, proposals, ctx, targets, seeds)
+        losses.update(roi_losses)
+        outputs = {"backbone": bb, "images": images, "ctx": ctx, "rpn": rpn_raw, "roi": roi_out,
+                   "proposals": proposals, "targets": targets}
+        for loss in self.continual_losses:
+            losses.update(loss(self, outputs, batched_inputs, self.teacher))
+        return losses
+
+    @staticmethod
+    def postprocess(detections: List[Dict[str, Tensor]], batched_inputs: List[Dict[str, Any]],
+                    image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Boxes back to each image's original pixels."""
+        results = []
+        for det, x, (h, w) in zip(detections, batched_inputs, image_sizes):
+            sx, sy = x.get("width", w) / w, x.get("height", h) / h
+            boxes = det["boxes"] * torch.tensor([sx, sy, sx, sy], device=det["boxes"].device)
+            results.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
+        return results
+

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny Shapes set in a temp CLCL_DATASETS, tiny configs with random CLIP."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """A small Shapes dataset (24 train / 12 test images) generated once per session."""
+    root = tmp_path_factory.mktemp("datasets")
+    old = os.environ.get("CLCL_DATASETS")
+    os.environ["CLCL_DATASETS"] = str(root)
+    yield str(root)
+    if old is None:
+        os.environ.pop("CLCL_DATASETS", None)
+    else:
+        os.environ["CLCL_DATASETS"] = old
+
+
+def tiny_cfg(output_dir: str = "", **overrides):
+    """get_cfg() shrunk for fast CPU tests: random tiny CLIP, small Shapes spec, few iterations."""
+    from clcl_det.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.CLIP.PRETRAINED", "",
+        "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12",
+        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.NUM_CONV", "1",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+        "MODEL.CLIP.TEMPLATES", "simple",
+        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.LOG_PERIOD", "2", "TEST.IMS_PER_BATCH", "4",
+        "OUTPUT_DIR", output_dir or "./output/test",
+    ])
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg

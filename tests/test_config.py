@@ -1,0 +1,75 @@
+"""Config: defaults, _BASE_, overrides, and one-line errors for unknown keys and wrong types."""
+import glob
+import os
+
+import pytest
+
+from clcl_det.config import ConfigError, get_cfg, resolve_config_path
+from clcl_det.engine import default_argument_parser, setup_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_default_key_has_a_comment():
+    src = open(os.path.join(REPO, "clcl_det", "config", "defaults.py")).read().splitlines()
+    bare = [line for line in src if line.startswith("_C.") and " = " in line and "CN()" not in line and "#" not in line]
+    assert not bare, f"keys without a comment: {bare}"
+
+
+def test_unknown_key_names_closest(tmp_path):
+    cfg = get_cfg()
+    with pytest.raises(ConfigError, match=r"'SOLVER.LR'.*did you mean 'SOLVER.BASE_LR'"):
+        cfg.merge_from_list(["SOLVER.LR", "0.1"])
+    f = tmp_path / "bad.yaml"
+    f.write_text("MODEL:\n  ROI_HEAD:\n    NAME: x\n")
+    with pytest.raises(ConfigError, match=r"MODEL.ROI_HEAD.NAME.*bad.yaml.*MODEL.ROI_HEADS.NAME"):
+        get_cfg().merge_from_file(str(f))
+
+
+def test_wrong_type_is_refused_and_ints_become_floats(tmp_path):
+    cfg = get_cfg()
+    with pytest.raises(ConfigError, match=r"SOLVER.BASE_LR.*expects a number.*'abc'"):
+        cfg.merge_from_list(["SOLVER.BASE_LR", "abc"])
+    f = tmp_path / "t.yaml"
+    f.write_text("SOLVER:\n  MAX_ITER: many\n")
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER.*t.yaml.*integer"):
+        get_cfg().merge_from_file(str(f))
+    cfg.merge_from_list(["SOLVER.BASE_LR", "1"])
+    assert isinstance(cfg.SOLVER.BASE_LR, float) and cfg.SOLVER.BASE_LR == 1.0
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  MAX_ITER: 7\n  BASE_LR: 0.5\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nSOLVER:\n  MAX_ITER: 9\n")
+    cfg = setup_cfg(str(tmp_path / "child.yaml"), ["SOLVER.BASE_LR", "0.25"])
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR) == (9, 0.25)
+    assert cfg.is_frozen()
+
+
+def test_yaml_only_no_code(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("SEED: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception) as e:
+        get_cfg().merge_from_file(str(f))
+    assert "pwned" not in str(e.value)
+    py = tmp_path / "cfg.py"
+    py.write_text("print('hi')\n")
+    with pytest.raises(ConfigError, match="YAML only"):
+        get_cfg().merge_from_file(str(py))
+
+
+def test_config_path_as_users_write_it():
+    assert resolve_config_path("VOC_10+10.yaml").endswith(os.path.join("configs", "VOC_10+10.yaml"))
+    assert resolve_config_path("Shapes/clclip_10+10.yaml").endswith(os.path.join("Shapes", "clclip_10+10.yaml"))
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config_path("VOC_10+11.yaml")
+    args = default_argument_parser().parse_args(["--config", "VOC_10+10.yaml", "SOLVER.MAX_ITER", "3"])
+    assert args.config_file == "VOC_10+10.yaml" and args.opts == ["SOLVER.MAX_ITER", "3"]
+    args = default_argument_parser().parse_args(["--config-file", "x.yaml", "--resume", "--num-gpus", "2"])
+    assert args.config_file == "x.yaml" and args.resume and args.num_gpus == 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_config_parses(path):
+    cfg = setup_cfg(path)
+    assert cfg.CONTINUAL.TASKS
