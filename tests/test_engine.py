@@ -24,6 +24,15 @@ def _run(cfg, resume=False):
     return ContinualRunner(cfg, resume=resume).run()
 
 
+def _same_final(a, b, t=2):
+    from clcl_det.utils.checkpoint import load_checkpoint_file
+    import torch
+
+    x = load_checkpoint_file(os.path.join(a, f"task_{t}", "model_final.pth"))["model"]
+    y = load_checkpoint_file(os.path.join(b, f"task_{t}", "model_final.pth"))["model"]
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def _metrics(out, t):
     with open(os.path.join(out, f"task_{t}", "metrics.json")) as f:
         return json.load(f)
@@ -57,7 +66,7 @@ def test_resume_across_task_boundary_and_mid_task(full_run, tmp_path):
     shutil.copytree(out, a)
     shutil.rmtree(os.path.join(a, "task_2"))
     _run(tiny_cfg(a), resume=True)
-    assert _metrics(a, 2)["per_class"] == ref["per_class"]
+    assert _metrics(a, 2)["per_class"] == ref["per_class"] and _same_final(out, a)
     # 2) killed in the middle of task 2 (after the iteration-1 checkpoint)
     b = str(tmp_path / "b")
     shutil.copytree(out, b)
@@ -68,7 +77,7 @@ def test_resume_across_task_boundary_and_mid_task(full_run, tmp_path):
     with open(os.path.join(d, "last_checkpoint"), "w") as f:
         f.write("model_0000001.pth")
     _run(tiny_cfg(b), resume=True)
-    assert _metrics(b, 2)["per_class"] == ref["per_class"]
+    assert _metrics(b, 2)["per_class"] == ref["per_class"] and _same_final(out, b)
     # 3) killed during the evaluation of task 2
     c = str(tmp_path / "c")
     shutil.copytree(out, c)

@@ -150,6 +150,7 @@ _C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
 _C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
 _C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
 _C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
+_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (head combos)
 
 _C.MODEL.CLCLIP = CN()  # CL-CLIP continual terms
 _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)

@@ -23,6 +23,7 @@ from ..config import CfgNode
 from ..data import build_continual_split, build_test_loader, build_train_loader, get_detection_dataset_dicts
 from ..data.continual import ContinualSplit, Task
 from ..data.datasets import configure_datasets
+from ..engine.defaults import seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
 from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
@@ -181,10 +182,16 @@ class ContinualRunner:
             DetectionCheckpointer(self.model, self.task_dir(t)).save("model_final", **self._meta(t, "final"))
         comm.synchronize()
 
+    def _begin_task(self, t: int) -> None:
+        """Grow the model for task t; what it creates is seeded by (SEED, t) alone, so a resumed
+        run creates the very parameters an uninterrupted one did."""
+        seed_all_rng((max(self.cfg.SEED, 0) * 1000 + t + 1) % 2**31)
+        self.model.begin_task(self.split.task(t))
+
     def _replay_structure(self, upto: int) -> None:
         """Grow and freeze the model as tasks 0..upto-1 did, then load task upto-1's final weights."""
         for t in range(upto):
-            self.model.begin_task(self.split.task(t))
+            self._begin_task(t)
             self.model.end_task(self.split.task(t))
         if upto > 0:
             self.load_final(upto - 1)
@@ -204,7 +211,7 @@ class ContinualRunner:
             task = self.split.task(t)
             t0 = time.perf_counter()
             teacher = copy.deepcopy(self.model) if (t > 0 and needs_teacher) else None
-            self.model.begin_task(task)
+            self._begin_task(t)
             self.model.set_teacher(teacher)
             status = self.status(t)
             if status in ("new", "partial"):
@@ -230,7 +237,7 @@ class ContinualRunner:
             self._check_meta(path, ckpt)
             t = int(ckpt["task"])
             for i in range(t + 1):
-                self.model.begin_task(self.split.task(i))
+                self._begin_task(i)
                 self.model.end_task(self.split.task(i))
             self.model.load_state_dict(ckpt["model"], strict=False)
             out_dir = os.path.join(self.out, "eval")
@@ -240,7 +247,7 @@ class ContinualRunner:
             raise RunStateError(f"--eval-only: no trained task in {self.out} (and MODEL.WEIGHTS is empty)")
         for t in range(max(trained) + 1):
             task = self.split.task(t)
-            self.model.begin_task(task)
+            self._begin_task(t)
             if t in trained:
                 self.load_final(t)
                 self.model.end_task(task)

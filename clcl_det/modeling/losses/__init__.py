@@ -1,1 +1,2 @@
 """Continual losses."""
+from . import distillation, drift, orthogonality  # noqa: F401  (registration)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ...utils.registry import Registry, lookup
 
-__all__ = ["CONTINUAL_LOSS_REGISTRY", "ContinualLoss", "build_continual_losses"]
+__all__ = ["CONTINUAL_LOSS_REGISTRY", "ContinualLoss", "build_continual_losses", "teacher_pyramid"]
 
 CONTINUAL_LOSS_REGISTRY = Registry("CONTINUAL_LOSS")
 CONTINUAL_LOSS_REGISTRY.__doc__ = """Continual losses: (cfg) -> ContinualLoss."""
@@ -29,3 +30,12 @@ def build_continual_losses(cfg: Any) -> nn.ModuleList:
     return nn.ModuleList(
         lookup(CONTINUAL_LOSS_REGISTRY, n, "MODEL.CONTINUAL_LOSSES")(cfg) for n in cfg.MODEL.CONTINUAL_LOSSES
     )
+
+
+def teacher_pyramid(teacher: nn.Module, outputs: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The teacher's FPN levels on the batch, from the student's (shared, frozen) CLIP taps;
+    computed once per batch and kept in `outputs`."""
+    if "teacher_features" not in outputs:
+        with torch.no_grad():
+            outputs["teacher_features"] = teacher.backbone.pyramid_features(outputs["backbone"]["taps"])
+    return outputs["teacher_features"]

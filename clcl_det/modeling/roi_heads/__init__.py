@@ -1,2 +1,2 @@
 """RoI heads."""
-from . import fvit_roi_heads  # noqa: F401  (registration)
+from . import fvit_roi_heads, multi_expert  # noqa: F401  (registration)

@@ -130,13 +130,15 @@ class FViTRoIHeads(nn.Module):
     def pool(self, features: Dict[str, Tensor], rois: List[Tensor], image_sizes: List[Tuple[int, int]]) -> Tensor:
         return self.pooler(features, rois, image_sizes)
 
-    def predict(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext) -> Dict[str, Tensor]:
-        """Class logits R x (K+1) (background last), box deltas R x 4, embeddings R x D."""
+    def predict(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext,
+                labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Class logits R x (K+1) (background last), box deltas R x 4, embeddings R x D.
+        `labels` (training) are the sampled RoIs' labels, for heads that need them."""
         h = self.box_head(pooled)
         x = self.embed(h)
         return {"logits": self.cls_head(x, ctx, rois), "deltas": self.bbox_pred(h), "embeddings": x}
 
-    def adjust_labels(self, labels: Tensor, rois: List[Tensor], ctx: HeadContext) -> Tensor:
+    def adjust_labels(self, labels: Tensor, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
         """Hook for methods that relabel or ignore (-1) sampled RoIs; identity here."""
         return labels
 
@@ -161,8 +163,8 @@ class FViTRoIHeads(nn.Module):
         K = ctx.num_classes
         if self.training:
             rois, labels, reg_targets = self.sample(proposals, targets, K, seeds or [None] * len(proposals))
-            out = self.predict(self.pool(features, rois, ctx.image_sizes), rois, ctx)
-            labels = self.adjust_labels(labels, rois, ctx)
+            out = self.predict(self.pool(features, rois, ctx.image_sizes), rois, ctx, labels)
+            labels = self.adjust_labels(labels, out, ctx)
             losses = {k: v * self.cls_loss_weight for k, v in self.cls_head.losses(out["logits"], labels, out["embeddings"], ctx).items()}
             losses.update(self.box_losses(out["deltas"], reg_targets, labels, rois, K))
             out.update(rois=rois, labels=labels)

@@ -1,0 +1,207 @@
+"""CL-CLIP's Multi-Expert RoI head: the cost-volume prior decouples each RoI feature into one
+pathway per class; each class has its own convolutional expert, created when the class first
+appears and frozen after its task. Background and boxes come from the shared F-ViT branch."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from ...config import configurable
+from ..context import HeadContext
+from ..cost_volume import PRIOR_NORMS, category_prior
+from .build import ROI_HEADS_REGISTRY
+from .fvit_roi_heads import FViTRoIHeads
+
+__all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
+
+GATINGS = ("residual", "multiply", "concat")
+
+
+class ExpertChunk(nn.Module):
+    """The experts of one task's n classes, stored stacked: expert i is
+    conv3x3(C->E) -> ReLU -> conv3x3(E->E) -> ReLU -> global mean -> fc(E->D), plus the chunk's
+    logit scale. Freezing the chunk freezes exactly these classes."""
+
+    def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+        super().__init__()
+        self.n = n
+        conv1 = nn.Conv2d(in_channels, n * expert_dim, 3, padding=1)
+        conv2 = nn.Conv2d(expert_dim, n * expert_dim, 3, padding=1)
+        self.w1, self.b1 = nn.Parameter(conv1.weight.detach()), nn.Parameter(conv1.bias.detach())
+        self.w2, self.b2 = nn.Parameter(conv2.weight.detach()), nn.Parameter(conv2.bias.detach())
+        bound = 1.0 / math.sqrt(expert_dim)
+        self.fc_w = nn.Parameter(torch.empty(n, expert_dim, embed_dim).uniform_(-bound, bound))
+        self.fc_b = nn.Parameter(torch.empty(n, embed_dim).uniform_(-bound, bound))
+        self.logit_scale = nn.Parameter(torch.full((n,), math.log(temperature)))
+
+
+class ExpertBank(nn.Module):
+    """All experts so far, one chunk per task, evaluated as grouped convolutions (no loop over
+    classes): every class at once, or a per-RoI subset of classes."""
+
+    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+        super().__init__()
+        self.in_channels, self.expert_dim, self.embed_dim = in_channels, expert_dim, embed_dim
+        self.temperature = temperature
+        self.chunks = nn.ModuleList()
+
+    @property
+    def num_experts(self) -> int:
+        return sum(c.n for c in self.chunks)
+
+    def add(self, n: int) -> ExpertChunk:
+        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature)
+        device = next(self.parameters()).device if len(self.chunks) else None
+        self.chunks.append(chunk.to(device) if device is not None else chunk)
+        return chunk
+
+    def _cat(self, name: str) -> Tensor:
+        return torch.cat([getattr(c, name) for c in self.chunks], dim=0)
+
+    def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = all K in
+        order, S = K). Returns embeddings R x S x D, activation maps R x S x P*P (channel mean
+        of the first conv, after ReLU) and logit scales R x S."""
+        R, S, C, P, _ = x.shape
+        E, K = self.expert_dim, self.num_experts
+        w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
+        fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
+        if idx is None:  # one grouped conv over all classes, batch = RoIs
+            h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1, b1, padding=1, groups=K))
+            act = h.view(R, S, E, P * P).mean(dim=2)
+            h = F.relu(F.conv2d(h, w2, b2, padding=1, groups=K)).view(R, S, E, P * P).mean(dim=3)
+            z = torch.einsum("rse,sed->rsd", h, fc_w) + fc_b
+            return z, act, scale.expand(R, S)
+        # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
+        flat = idx.reshape(-1)
+        w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
+        w2s = w2.view(K, E, E, 3, 3)[flat].reshape(R * S * E, E, 3, 3)
+        h = F.relu(F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1,
+                            groups=R * S))
+        act = h.view(R, S, E, P * P).mean(dim=2)
+        h = F.relu(F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S))
+        h = h.view(R, S, E, P * P).mean(dim=3)
+        z = torch.einsum("rse,rsed->rsd", h, fc_w[idx]) + fc_b[idx]
+        return z, act, scale[idx]
+
+
+@ROI_HEADS_REGISTRY.register()
+class MultiExpertRoIHeads(FViTRoIHeads):
+    """F-ViT RoI head + cost-volume category decoupling + per-class experts (METHOD.md section 2).
+
+    Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
+    f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]); the background logit, box
+    regression and any vocabulary class without an expert (zero-shot evaluation) come from the
+    shared branch."""
+
+    @configurable
+    def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
+                 freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
+                 prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
+                 expert_temperature: float = 50.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        if gating not in GATINGS:
+            raise ValueError(f"MODEL.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
+        if prior_norm not in PRIOR_NORMS:
+            raise ValueError(f"MODEL.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
+        self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
+                                  self.embed.out_features, expert_temperature)
+        self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
+        self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
+        self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
+        self.resolution = self.pooler.output_size[0] if isinstance(self.pooler.output_size, (tuple, list)) \
+            else self.pooler.output_size
+
+    @classmethod
+    def from_config(cls, cfg: Any, in_channels: int, level_names, embed_dim: int) -> Dict[str, Any]:
+        kw = FViTRoIHeads.from_config(cfg, in_channels, level_names, embed_dim)
+        me, cv = cfg.MODEL.MULTI_EXPERT, cfg.MODEL.COST_VOLUME
+        kw.update(expert_dim=me.EXPERT_DIM, gating=me.GATING, gamma=me.GAMMA, topk=me.TOPK, freeze=me.FREEZE,
+                  use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
+                  bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
+                  shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE)
+        return kw
+
+    # -- continual life cycle --------------------------------------------------------------------
+    def on_task_start(self, task: Any, model: nn.Module) -> None:
+        """Create the experts of the task's new classes."""
+        new = task.num_seen - self.experts.num_experts
+        if new > 0:
+            self.experts.add(new)
+
+    def on_task_end(self, task: Any, model: nn.Module) -> None:
+        """Freeze every expert learned so far (out of the next task's optimizer)."""
+        if self.freeze:
+            self.experts.chunks.requires_grad_(False)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int) -> Tensor:
+        """The prior of the first `num` classes RoIAligned like the features: R x num x P x P."""
+        R, P = sum(len(r) for r in rois), self.resolution
+        if not self.use_cost_volume:
+            return ctx.clip_dense.new_full((R, num, P, P), 1.0 / (ctx.num_classes + 1))
+        if "prior" not in ctx.extras:  # once per batch: B x (K+1) x h x w
+            ctx.extras["prior"] = category_prior(ctx.clip_dense, ctx.class_embeddings, ctx.background_embedding,
+                                                 self.prior_temperature, self.prior_norm)
+        prior = ctx.extras["prior"][:, :num]
+        return roi_align(prior, list(rois), P, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2, aligned=True)
+
+    def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
+        """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
+        K = prior_mean.shape[1]
+        if self.topk <= 0 or self.topk >= K:
+            return None
+        idx = prior_mean.topk(self.topk, dim=1).indices
+        if labels is not None:
+            fg = (labels >= 0) & (labels < K)
+            missing = fg & ~(idx == labels[:, None]).any(dim=1)
+            idx[missing, -1] = labels[missing]
+        return idx
+
+    def predict(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext,
+                labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        out = super().predict(pooled, rois, ctx, labels)
+        shared = out["logits"]  # R x (K_vocab + 1)
+        K = min(self.experts.num_experts, ctx.num_classes)
+        if K == 0:
+            return out
+        m = self.pooled_prior(rois, ctx, K)
+        prior_mean = m.mean(dim=(2, 3))
+        idx = self._select(prior_mean, labels)
+        if idx is not None:
+            m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
+        f = pooled[:, None]
+        if self.gating == "residual":
+            x = f * (1 + self.gamma * m[:, :, None])
+        elif self.gating == "multiply":
+            x = f * m[:, :, None]
+        else:
+            x = torch.cat([f.expand(-1, m.shape[1], -1, -1, -1), m[:, :, None]], dim=2)
+        z, act, scale = self.experts(x, idx)
+        text = ctx.class_embeddings[:K]
+        text = text[idx] if idx is not None else text[None].expand(len(z), -1, -1)
+        s = scale * (F.normalize(z, dim=-1) * text).sum(-1)
+        if idx is not None:
+            s = torch.full((len(z), K), float("-inf"), device=z.device, dtype=s.dtype).scatter(1, idx, s)
+        if self.shared_class_logits:
+            s = s + shared[:, :K]
+        out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
+        out["expert_maps"] = F.normalize(act, dim=-1)
+        out["prior_mean"] = prior_mean
+        return out
+
+    def adjust_labels(self, labels: Tensor, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
+        """Prior-guided background: a background RoI that the frozen prior calls an old class
+        is left out of the classification loss (it is likely an unlabelled old object)."""
+        task = ctx.task
+        if task is None or task.start == 0 or self.bg_ignore_thresh > 1 or "prior_mean" not in out \
+                or not self.use_cost_volume:
+            return labels
+        old = out["prior_mean"][:, : task.start].amax(dim=1)
+        ignore = (labels == ctx.num_classes) & (old > self.bg_ignore_thresh)
+        return torch.where(ignore, torch.full_like(labels, -1), labels)
