@@ -40,5 +40,33 @@ def tiny_cfg(output_dir: str = "", **overrides):
         "OUTPUT_DIR", output_dir or "./output/test",
     ])
     for k, v in overrides.items():
-        cfg.merge_from_list([k, v])
+        cfg.merge_from_list([k, str(v)])
     return cfg
+
+
+def run_tiny(cfg, resume: bool = False):
+    """Freeze cfg, set up logging/seeds like tools/train_net.py, run the whole sequence."""
+    from clcl_det.continual import ContinualRunner
+    from clcl_det.engine import default_setup
+
+    cfg.freeze()
+    default_setup(cfg)
+    return ContinualRunner(cfg, resume=resume).run()
+
+
+@pytest.fixture(scope="session")
+def reference_run(shapes_root, tmp_path_factory):
+    """One uninterrupted deterministic F-ViT 10+10 run on the tiny setup (shared by tests)."""
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    summary = run_tiny(tiny_cfg(out, DETERMINISTIC="True"))
+    return out, summary
+
+
+def final_state(out: str, t: int = 2):
+    from clcl_det.utils.checkpoint import load_checkpoint_file
+
+    return load_checkpoint_file(os.path.join(out, f"task_{t}", "model_final.pth"))["model"]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

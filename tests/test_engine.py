@@ -10,27 +10,20 @@ import textwrap
 import pytest
 
 from clcl_det.continual import ContinualRunner, RunStateError
-from clcl_det.engine import default_setup, setup_cfg
+from clcl_det.engine import setup_cfg
 from clcl_det.modeling import build_model
 
-from conftest import tiny_cfg
+from conftest import final_state, run_tiny, same_state, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(cfg, resume=False):
-    cfg.freeze()
-    default_setup(cfg)
-    return ContinualRunner(cfg, resume=resume).run()
+    return run_tiny(cfg, resume)
 
 
-def _same_final(a, b, t=2):
-    from clcl_det.utils.checkpoint import load_checkpoint_file
-    import torch
-
-    x = load_checkpoint_file(os.path.join(a, f"task_{t}", "model_final.pth"))["model"]
-    y = load_checkpoint_file(os.path.join(b, f"task_{t}", "model_final.pth"))["model"]
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+def _cfg(out):
+    return tiny_cfg(out, DETERMINISTIC="True")
 
 
 def _metrics(out, t):
@@ -39,10 +32,8 @@ def _metrics(out, t):
 
 
 @pytest.fixture(scope="module")
-def full_run(shapes_root, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("run") / "full")
-    summary = _run(tiny_cfg(out))
-    return out, summary
+def full_run(reference_run):
+    return reference_run
 
 
 def test_full_run_writes_every_stage(full_run):
@@ -65,8 +56,8 @@ def test_resume_across_task_boundary_and_mid_task(full_run, tmp_path):
     a = str(tmp_path / "a")
     shutil.copytree(out, a)
     shutil.rmtree(os.path.join(a, "task_2"))
-    _run(tiny_cfg(a), resume=True)
-    assert _metrics(a, 2)["per_class"] == ref["per_class"] and _same_final(out, a)
+    _run(_cfg(a), resume=True)
+    assert _metrics(a, 2)["per_class"] == ref["per_class"] and same_state(final_state(out), final_state(a))
     # 2) killed in the middle of task 2 (after the iteration-1 checkpoint)
     b = str(tmp_path / "b")
     shutil.copytree(out, b)
@@ -76,21 +67,21 @@ def test_resume_across_task_boundary_and_mid_task(full_run, tmp_path):
             os.remove(os.path.join(d, f))
     with open(os.path.join(d, "last_checkpoint"), "w") as f:
         f.write("model_0000001.pth")
-    _run(tiny_cfg(b), resume=True)
-    assert _metrics(b, 2)["per_class"] == ref["per_class"] and _same_final(out, b)
+    _run(_cfg(b), resume=True)
+    assert _metrics(b, 2)["per_class"] == ref["per_class"] and same_state(final_state(out), final_state(b))
     # 3) killed during the evaluation of task 2
     c = str(tmp_path / "c")
     shutil.copytree(out, c)
     os.remove(os.path.join(c, "task_2", "metrics.json"))
-    _run(tiny_cfg(c), resume=True)
+    _run(_cfg(c), resume=True)
     assert _metrics(c, 2)["per_class"] == ref["per_class"]
 
 
 def test_refuses_to_overwrite_or_mix_runs(full_run, tmp_path):
     out, _ = full_run
     with pytest.raises(RunStateError, match="already holds a run; pass --resume"):
-        _run(tiny_cfg(out))
-    cfg = tiny_cfg(out)
+        _run(_cfg(out))
+    cfg = _cfg(out)
     cfg.merge_from_list(["CONTINUAL.TASKS", "15+5"])
     with pytest.raises(RunStateError, match=r"different config \(CONTINUAL.TASKS: '10\+10' -> '15\+5'"):
         _run(cfg, resume=True)
@@ -99,13 +90,13 @@ def test_refuses_to_overwrite_or_mix_runs(full_run, tmp_path):
 def test_eval_only_reproduces_metrics(full_run, tmp_path):
     out, _ = full_run
     ref = _metrics(out, 2)
-    cfg = tiny_cfg(str(tmp_path / "e"))
+    cfg = _cfg(str(tmp_path / "e"))
     cfg.merge_from_list(["MODEL.WEIGHTS", os.path.join(out, "task_2", "model_final.pth")])
     cfg.freeze()
     ContinualRunner(cfg).evaluate()
     with open(os.path.join(str(tmp_path / "e"), "eval", "metrics.json")) as f:
         assert json.load(f)["per_class"] == ref["per_class"]
-    other = tiny_cfg(str(tmp_path / "f"))
+    other = _cfg(str(tmp_path / "f"))
     other.merge_from_list(["CONTINUAL.TASKS", "15+5", "MODEL.WEIGHTS", os.path.join(out, "task_2", "model_final.pth")])
     other.freeze()
     from clcl_det.utils.checkpoint import CheckpointError

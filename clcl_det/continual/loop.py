@@ -12,6 +12,7 @@ OUTPUT_DIR/
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import os
 import time
@@ -111,6 +112,8 @@ class ContinualRunner:
             )
         if comm.is_main_process():
             atomic_write_bytes(cfg_path, self.cfg.dump().encode())
+            for tmp in glob.glob(os.path.join(self.out, "**", ".*.tmp"), recursive=True):
+                os.remove(tmp)  # left by a process killed while writing; the real files are intact
 
     # -- data ------------------------------------------------------------------------------------
     def train_dicts(self) -> List[Dict[str, Any]]:

@@ -20,6 +20,7 @@ from .fvit_roi_heads import FViTRoIHeads
 __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 
 GATINGS = ("residual", "multiply", "concat")
+_MAX_PATHWAY_ELEMENTS = 2**25  # inference chunk bound: 128 MB of float32 pathway inputs
 
 
 class ExpertChunk(nn.Module):
@@ -175,17 +176,19 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         idx = self._select(prior_mean, labels)
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
-        f = pooled[:, None]
-        if self.gating == "residual":
-            x = f * (1 + self.gamma * m[:, :, None])
-        elif self.gating == "multiply":
-            x = f * m[:, :, None]
-        else:
-            x = torch.cat([f.expand(-1, m.shape[1], -1, -1, -1), m[:, :, None]], dim=2)
-        z, act, scale = self.experts(x, idx)
         text = ctx.class_embeddings[:K]
-        text = text[idx] if idx is not None else text[None].expand(len(z), -1, -1)
-        s = scale * (F.normalize(z, dim=-1) * text).sum(-1)
+        # at inference, RoIs go through the experts in chunks that bound the pathway tensor's size
+        per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
+        step = len(pooled) if self.training else max(1, _MAX_PATHWAY_ELEMENTS // per_roi)
+        s_parts, act_parts = [], []
+        for i in range(0, len(pooled), step):
+            sl = slice(i, i + step)
+            sub_idx = idx[sl] if idx is not None else None
+            z, act, scale = self.experts(self.pathways(pooled[sl], m[sl]), sub_idx)
+            t = text[sub_idx] if sub_idx is not None else text[None].expand(len(z), -1, -1)
+            s_parts.append(scale * (F.normalize(z, dim=-1) * t).sum(-1))
+            act_parts.append(act)
+        s, act = torch.cat(s_parts), torch.cat(act_parts)
         if idx is not None:
             s = torch.full((len(z), K), float("-inf"), device=z.device, dtype=s.dtype).scatter(1, idx, s)
         if self.shared_class_logits:
@@ -194,6 +197,16 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         out["expert_maps"] = F.normalize(act, dim=-1)
         out["prior_mean"] = prior_mean
         return out
+
+    def pathways(self, f: Tensor, m: Tensor) -> Tensor:
+        """Class pathways of RoI features f (R x C x P x P) under the prior m (R x S x P x P):
+        R x S x C' x P x P."""
+        f = f[:, None]
+        if self.gating == "residual":
+            return f * (1 + self.gamma * m[:, :, None])
+        if self.gating == "multiply":
+            return f * m[:, :, None]
+        return torch.cat([f.expand(-1, m.shape[1], -1, -1, -1), m[:, :, None]], dim=2)
 
     def adjust_labels(self, labels: Tensor, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
         """Prior-guided background: a background RoI that the frozen prior calls an old class

@@ -1,0 +1,92 @@
+"""Distributed training on CPU (gloo): 2 processes x b images agree with 1 process x 2b, and a
+2-process run through tools/train_net.py imports plugins in every worker."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from clcl_det.engine import launch
+
+from conftest import tiny_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERS = 3
+TOL = dict(rtol=1e-4, atol=1e-6)  # float32 reductions in another order
+
+
+def _worker(opts, out_file):
+    from clcl_det.continual import ContinualRunner
+    from clcl_det.data import build_train_loader
+    from clcl_det.engine import TaskTrainer, default_setup
+    from clcl_det.utils import comm
+
+    cfg = tiny_cfg(os.path.dirname(out_file))
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.LOG_PERIOD", "1",
+                         "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "1e-3",
+                         *opts])
+    cfg.freeze()
+    default_setup(cfg)
+    runner = ContinualRunner(cfg)
+    runner._begin_task(0)
+    dicts = runner.split.task_train_dicts(runner.train_dicts(), 0)
+    losses = []
+    trainer = TaskTrainer(cfg, runner.model, lambda s: build_train_loader(cfg, dicts, task=0, start_iter=s),
+                          os.path.join(os.path.dirname(out_file), f"w{comm.get_world_size()}"),
+                          hooks=[lambda it: losses.append({k: h.latest() for k, h in trainer.history.items()})])
+    trainer.train()
+    if comm.is_main_process():
+        torch.save({"losses": losses, "state": runner.model.state_dict()}, out_file)
+
+
+@pytest.mark.parametrize("method", ["fvit", "clclip"])
+def test_two_processes_agree_with_one(method, shapes_root, tmp_path):
+    opts = [] if method == "fvit" else ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads", "MODEL.CONTINUAL_LOSSES",
+                                        "['FPNDrift', 'Orthogonality']", "MODEL.MULTI_EXPERT.EXPERT_DIM", "4"]
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    launch(_worker, 1, args=(opts, one))
+    launch(_worker, 2, args=(opts, two))
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert len(a["losses"]) == len(b["losses"]) == ITERS
+    for la, lb in zip(a["losses"], b["losses"]):
+        assert la.keys() == lb.keys()
+        for k in la:
+            assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k], b["state"][k], **TOL, msg=k)
+    # the model did move: agreement is not the trivial one of an untouched model
+    assert any(la["loss_cls"] != a["losses"][0]["loss_cls"] for la in a["losses"][1:])
+
+
+PLUGIN = textwrap.dedent('''
+    import os
+    from clcl_det.modeling import CLS_HEAD_REGISTRY
+    from clcl_det.modeling.cls_heads.text_classifier import TextClassifier
+
+    open(os.path.join(os.environ["PLUGIN_MARKS"], str(os.getpid())), "w").close()
+
+    @CLS_HEAD_REGISTRY.register()
+    class MarkedTextClassifier(TextClassifier):
+        pass
+''')
+
+
+def test_cli_two_processes_with_plugin(shapes_root, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "marked.py").write_text(PLUGIN)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config", "Shapes/finetune_10+10.yaml",
+           "--num-gpus", "2", "--plugin", str(tmp_path / "marked.py"),
+           "MODEL.CLS_HEAD.NAME", "MarkedTextClassifier", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple",
+           "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12", "SOLVER.MAX_ITER", "2",
+           "SOLVER.IMS_PER_BATCH", "4", "TEST.ZERO_SHOT", "False", "OUTPUT_DIR", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                       env={**os.environ, "PLUGIN_MARKS": str(marks)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(os.listdir(marks)) >= 2, "the plugin must be imported in every worker process"
+    assert os.path.isfile(out / "task_2" / "metrics.json") and os.path.isfile(out / "log.txt.rank1")
+    assert "summary of 2 stage(s)" in r.stdout
