@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["clcl_det", "clcl_det.*"]),
     package_data={"clcl_det": ["modeling/clip/model_configs/*.json"]},
+    data_files=[("share/clcl_det/descriptions", sorted(str(p) for p in Path("datasets/descriptions").glob("*.json")))],
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

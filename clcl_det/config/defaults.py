@@ -75,6 +75,10 @@ _C.MODEL.CLIP.TINY.MAX_ZOOM = 1.5  # full images are randomly zoomed in by 1..MA
 _C.MODEL.CLIP.TINY.CROP_CONTEXT = (0.05, 0.4)  # range of context around an object crop, fraction of its side
 _C.MODEL.CLIP.TINY.TEMPLATES = "imagenet"  # prompt templates of the training captions: imagenet | simple
 _C.MODEL.CLIP.TINY.PROMPTS_PER_CLASS = 2  # templated prompts averaged per class embedding per step
+_C.MODEL.CLIP.TINY.REGION_WEIGHT = 0.0  # weight of the region term: a class's mean cell response must pick the class
+_C.MODEL.CLIP.TINY.DENSE_WINDOW = 0  # side (px) of the native-scale windows the dense term trains on (0 = whole images)
+_C.MODEL.CLIP.TINY.TEXT_WARMUP_ITERS = 100  # text-only steps first: captions of different classes pulled apart
+_C.MODEL.CLIP.TINY.TEXT_WEIGHT = 1.0  # weight of that text-only term during the joint steps
 _C.MODEL.CLIP.TINY.EVAL_PERIOD = 0  # steps between quality measurements in tools/pretrain_tiny_clip.py (0 = end only)
 
 _C.MODEL.BACKBONE = CN()
@@ -191,3 +195,39 @@ _C.TEST.AP_METHOD = "voc07"  # headline VOC AP definition: voc07 (11-point) | ar
 _C.TEST.ZERO_SHOT = True  # also evaluate not-yet-learned classes zero-shot after each task
 _C.TEST.IMS_PER_BATCH = 8  # images per inference batch per process
 _C.TEST.EVAL_PERIOD = 0  # evaluate every N iterations inside a task (0 = only at task end)
+
+# ---------------------------------------------------------------------------------------------
+# Classification heads and losses of METHOD.md section 4 (SPA, Gaussian replay, SECA)
+
+_C.MODEL.SPA = CN()  # SPAHead: description-guided patch selection + OT alignment + task projectors
+_C.MODEL.SPA.DESCRIPTIONS = ""  # class descriptions: a name in datasets/descriptions (voc, coco, shapes), a .json path, or "" = from DATASETS.TRAIN
+_C.MODEL.SPA.FALLBACK_TEMPLATE = "a photo of a {}."  # sentence of a class without descriptions ({} = class name)
+_C.MODEL.SPA.POOLER_RESOLUTION = 7  # dense CLIP patches per RoI: RoIAlign to R x R
+_C.MODEL.SPA.NUM_PATCHES = 16  # patches kept per (RoI, class), ranked by max_j cos(patch, description j)
+_C.MODEL.SPA.EPSILON = 0.1  # entropic regularisation of the OT problem (cost 1 - cos)
+_C.MODEL.SPA.OT_WEIGHT = 1.0  # lambda: logit = tau * (cos(z, t_c) + lambda * s_OT)
+_C.MODEL.SPA.OT_METHOD = "auto"  # POT ot.solve_batch method: sinkhorn (CPU) | log_sinkhorn | auto (sinkhorn on CPU if EPSILON >= 0.05)
+_C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
+_C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
+_C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k text-classifier classes (0 = all); the others keep the text logit
+_C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
+_C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the RoI embedding (zero-initialised, frozen after its task)
+
+_C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics of RoI embeddings, replayed later
+_C.MODEL.REPLAY.INNER_HEAD = "TextClassifier"  # CLS_HEAD_REGISTRY entry that classifies real and replayed features
+_C.MODEL.REPLAY.COV = "full"  # covariance per class: full | diagonal | shared (one pooled covariance)
+_C.MODEL.REPLAY.SHRINKAGE = 1e-4  # added to the covariance's diagonal (s * I)
+_C.MODEL.REPLAY.SAMPLES_PER_CLASS = 8  # pseudo-features drawn per old class per iteration
+_C.MODEL.REPLAY.WEIGHT = 1.0  # weight of the replay classification loss
+
+_C.MODEL.SEVPR = CN()  # SemanticPrototypeHead (SECA SE-VPR): text-refined visual prototypes
+_C.MODEL.SEVPR.PROTO_WEIGHT = 0.5  # logit = tau * ((1 - w) cos(x, t_c) + w cos(x, refined prototype))
+_C.MODEL.SEVPR.MOMENTUM = 0.99  # EMA momentum of prototypes from positive RoIs in training (1 = only after each task)
+_C.MODEL.SEVPR.INIT_TEMPERATURE = 0.1  # W starts so that relations are softmax(-||t_c - t_j||^2 / this)
+_C.MODEL.SEVPR.ANCHOR_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined p_c, p_c))
+
+_C.MODEL.SGAKT = CN()  # SGAKTDistill (SECA SG-AKT): relevance-weighted distillation from earlier heads
+_C.MODEL.SGAKT.TEMPERATURE = 20.0  # KL distillation temperature (loss scaled by T^2)
+_C.MODEL.SGAKT.WEIGHT = 1.0  # loss weight, multiplied by the task index (0 in the first task)
+_C.MODEL.SGAKT.ATTENTION_TEMPERATURE = 0.1  # softmax temperature of the snapshots' text relevance
+_C.MODEL.SGAKT.RELEVANCE = "max"  # a snapshot's relevance to a RoI label: max | mean cos over its classes

@@ -19,6 +19,7 @@ class HeadContext:
     clip_stride: int  # pixels per cell of V
     image_sizes: List[Tuple[int, int]]  # (h, w) of each image's content inside the padded batch
     task: Any = None  # the current continual Task (None outside the continual loop)
+    class_names: Tuple[str, ...] = ()  # names of the K classes of class_embeddings
     extras: Dict[str, Any] = field(default_factory=dict)  # method-specific per-batch tensors (e.g. the cost volume)
 
     @property

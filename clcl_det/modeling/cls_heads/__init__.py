@@ -1,2 +1,3 @@
 """Classification heads on RoI embeddings."""
 from . import text_classifier  # noqa: F401  (registration)
+from . import gaussian_replay, prototype, spa  # noqa: F401  (registration)

@@ -130,7 +130,7 @@ class FViT(nn.Module):
 
     def make_context(self, clip_dense: Tensor, image_sizes: List[Tuple[int, int]]) -> HeadContext:
         return HeadContext(self.class_embeddings, self.background_embedding, clip_dense,
-                           self.backbone.clip_stride, image_sizes, self.task)
+                           self.backbone.clip_stride, image_sizes, self.task, tuple(self.class_names))
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
         if not self.class_names:

@@ -1,0 +1,248 @@
+"""Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of RoI embeddings,
+stored after each task, sampled while later tasks train (METHOD.md section 4)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...config import ConfigError, configurable
+from ...utils import comm
+from ...utils.registry import lookup
+from ..context import HeadContext
+from .build import CLS_HEAD_REGISTRY, ClsHead
+
+__all__ = ["GaussianReplay", "ground_truth_embeddings", "all_reduce_sum", "COV_MODES"]
+
+COV_MODES = ("full", "diagonal", "shared")
+
+
+@torch.no_grad()
+def ground_truth_embeddings(model: nn.Module, loader: Iterable[List[Dict[str, Any]]]) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Per batch of mapped dicts, the RoI embeddings of the ground-truth boxes (N x D, from the
+    model's RoI head in eval mode) and their classes (N). Images without boxes are skipped."""
+    was_training = model.training
+    model.eval()
+    try:
+        heads = model.roi_heads
+        for batch in loader:
+            batch = [x for x in batch if not x.get("unreadable") and len(x.get("boxes", ()))]
+            if not batch:
+                continue
+            images = model.preprocess(batch)
+            bb = model.backbone(images.tensors)
+            ctx = model.make_context(bb["clip_dense"], images.image_sizes)
+            boxes = [x["boxes"].to(model.device).float() for x in batch]
+            out = heads.predict(heads.pool(bb["features"], boxes, images.image_sizes), boxes, ctx)
+            yield out["embeddings"], torch.cat([x["classes"] for x in batch]).to(model.device)
+    finally:
+        model.train(was_training)
+
+
+def all_reduce_sum(*tensors: Tensor) -> None:
+    """Sum tensors over processes in place (no-op in a single process)."""
+    if comm.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers (same on every process)."""
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 0x9E3779B9) % (2**63 - 1)
+    return s
+
+
+@CLS_HEAD_REGISTRY.register()
+class GaussianReplay(ClsHead):
+    """Wraps an inner classification head. After each task (`on_task_data`) stores, per class of
+    that task, the mean and covariance of its ground-truth RoI embeddings (`cov`: full, diagonal
+    or one covariance shared by all classes; `shrinkage`·I added) in buffers that grow per task
+    and are saved with the model. While later tasks train, `samples_per_class` pseudo-features per
+    old class are drawn each iteration and classified by the inner head over all seen classes
+    (`loss_replay`). Draws come from a generator seeded by (seed, task, iteration), so a run is
+    reproducible, resumes bit-identically and does not depend on the number of processes (every
+    process draws the same features)."""
+
+    @configurable
+    def __init__(self, *, inner: ClsHead, embed_dim: int, cov: str = "full", shrinkage: float = 1e-4,
+                 samples_per_class: int = 8, weight: float = 1.0, seed: int = 0):
+        super().__init__()
+        if cov not in COV_MODES:
+            raise ValueError(f"MODEL.REPLAY.COV '{cov}' is not one of {' | '.join(COV_MODES)}")
+        if shrinkage < 0 or samples_per_class < 0:
+            raise ValueError(f"MODEL.REPLAY: SHRINKAGE ({shrinkage}) and SAMPLES_PER_CLASS ({samples_per_class}) "
+                             f"must be >= 0")
+        self.inner = inner
+        self.embed_dim, self.cov_mode, self.shrinkage = embed_dim, cov, shrinkage
+        self.samples_per_class, self.weight = samples_per_class, weight
+        self.seed = seed if seed >= 0 else int(torch.randint(2**31 - 1, ()))
+        D = embed_dim
+        self.register_buffer("means", torch.zeros(0, D))  # K x D
+        self.register_buffer("counts", torch.zeros(0))  # K, embeddings behind each class's statistics
+        if cov == "full":
+            self.register_buffer("covariances", torch.zeros(0, D, D))  # K x D x D
+        elif cov == "diagonal":
+            self.register_buffer("variances", torch.zeros(0, D))  # K x D
+        else:
+            self.register_buffer("shared_covariance", torch.zeros(D, D))  # pooled within-class covariance
+            self.register_buffer("shared_dof", torch.zeros(()))  # its degrees of freedom, sum_c (n_c - 1)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training iterations of this task
+        self._factors: Optional[Tuple[Tensor, Tensor]] = None  # (classes, cached Cholesky/std factors)
+
+    @classmethod
+    def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
+        r = cfg.MODEL.REPLAY
+        if r.INNER_HEAD == "GaussianReplay":
+            raise ConfigError("MODEL.REPLAY.INNER_HEAD cannot be GaussianReplay itself (e.g. TextClassifier, SPAHead)")
+        inner = lookup(CLS_HEAD_REGISTRY, r.INNER_HEAD, "MODEL.REPLAY.INNER_HEAD")(cfg, embed_dim)
+        return {"inner": inner, "embed_dim": embed_dim, "cov": r.COV, "shrinkage": r.SHRINKAGE,
+                "samples_per_class": r.SAMPLES_PER_CLASS, "weight": r.WEIGHT, "seed": cfg.SEED}
+
+    # -- statistics -----------------------------------------------------------------------------
+    @property
+    def num_stored(self) -> int:
+        return int(self.means.shape[0])
+
+    def _grow(self, num_classes: int) -> None:
+        extra = num_classes - self.num_stored
+        if extra <= 0:
+            return
+        D = self.embed_dim
+        self.means = torch.cat([self.means, self.means.new_zeros(extra, D)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+        if self.cov_mode == "full":
+            self.covariances = torch.cat([self.covariances, self.covariances.new_zeros(extra, D, D)])
+        elif self.cov_mode == "diagonal":
+            self.variances = torch.cat([self.variances, self.variances.new_zeros(extra, D)])
+        self._factors = None
+
+    def on_task_start(self, task: Any, model: nn.Module) -> None:
+        """Buffers sized for the task's seen classes (zeros for the new ones); iteration count 0."""
+        self._grow(task.stop)
+        self.step.zero_()
+
+    def on_task_data(self, task: Any, model: nn.Module, loader: Iterable) -> None:
+        """Statistics of the task's classes from the ground-truth boxes of its training images."""
+        classes = torch.arange(task.start, task.stop)
+        self.set_statistics(classes, ground_truth_embeddings(model, loader))
+
+    @torch.no_grad()
+    def set_statistics(self, classes: Tensor, batches: Iterable[Tuple[Tensor, Tensor]]) -> None:
+        """Store mean / covariance of `classes` from (embeddings N x D, labels N) batches (summed
+        over processes); other labels are ignored, a class without embeddings keeps count 0."""
+        classes = classes.to(self.means.device)
+        self._grow(int(classes.max()) + 1)
+        C, D = len(classes), self.embed_dim
+        pos = torch.full((self.num_stored,), -1, dtype=torch.long, device=self.means.device)
+        pos[classes] = torch.arange(C, device=pos.device)
+        n = torch.zeros(C, dtype=torch.float64, device=pos.device)
+        s1 = torch.zeros(C, D, dtype=torch.float64, device=pos.device)
+        s2 = torch.zeros(C, D, D, dtype=torch.float64, device=pos.device) if self.cov_mode != "diagonal" \
+            else torch.zeros(C, D, dtype=torch.float64, device=pos.device)
+        for emb, lab in batches:
+            emb, lab = emb.to(s1), lab.to(pos.device)
+            inside = (lab >= 0) & (lab < self.num_stored)
+            emb, p = emb[inside], pos[lab[inside]]
+            emb, p = emb[p >= 0], p[p >= 0]
+            n.index_add_(0, p, torch.ones_like(p, dtype=n.dtype))
+            s1.index_add_(0, p, emb)
+            if self.cov_mode == "diagonal":
+                s2.index_add_(0, p, emb * emb)
+            else:
+                for c in p.unique().tolist():
+                    e = emb[p == c]
+                    s2[c] += e.t() @ e
+        all_reduce_sum(n, s1, s2)
+        mean = s1 / n.clamp_min(1)[:, None]
+        denom = (n - 1).clamp_min(1)
+        if self.cov_mode == "diagonal":
+            var = ((s2 - n[:, None] * mean * mean) / denom[:, None]).clamp_min(0) * (n > 1)[:, None]
+            self.variances[classes] = (var + self.shrinkage).to(self.variances)
+        else:
+            scatter = s2 - n[:, None, None] * mean[:, :, None] * mean[:, None, :]
+            scatter = scatter * (n > 1)[:, None, None]
+            eye = torch.eye(D, dtype=torch.float64, device=pos.device)
+            if self.cov_mode == "full":
+                cov = scatter / denom[:, None, None] + self.shrinkage * eye
+                self.covariances[classes] = cov.to(self.covariances)
+            else:
+                dof_old = self.shared_dof.double()
+                old = (self.shared_covariance.double() - self.shrinkage * eye) * dof_old
+                dof = dof_old + (n - 1).clamp_min(0).sum()
+                pooled = (old + scatter.sum(0)) / dof.clamp_min(1)
+                self.shared_covariance.copy_((pooled + self.shrinkage * eye).to(self.shared_covariance))
+                self.shared_dof.fill_(float(dof))
+        self.means[classes] = mean.to(self.means)
+        self.counts[classes] = n.to(self.counts)
+        self._factors = None
+
+    def covariance(self, c: int) -> Tensor:
+        """The stored covariance of class c (D x D) whatever the mode."""
+        if self.cov_mode == "full":
+            return self.covariances[c]
+        if self.cov_mode == "diagonal":
+            return torch.diag(self.variances[c])
+        return self.shared_covariance
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._factors = None
+
+    def _scale_factors(self, classes: Tensor) -> Tensor:
+        """Per class the Cholesky factor (full / shared: C x D x D) or the std (diagonal: C x D),
+        float64 on CPU, cached until the statistics change."""
+        if self._factors is not None and torch.equal(self._factors[0], classes):
+            return self._factors[1]
+        if self.cov_mode == "full":
+            f = torch.linalg.cholesky(self.covariances[classes].double().cpu())
+        elif self.cov_mode == "diagonal":
+            f = self.variances[classes].double().cpu().clamp_min(0).sqrt()
+        else:
+            f = torch.linalg.cholesky(self.shared_covariance.double().cpu())[None].expand(len(classes), -1, -1)
+        self._factors = (classes.clone(), f)
+        return f
+
+    def sample(self, classes: Tensor, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """n pseudo-features per class (C*n x D, on the buffers' device) and their labels."""
+        classes = classes.cpu().long()
+        empty = classes[self.counts.cpu()[classes] <= 0]
+        if empty.numel():
+            raise ValueError(f"GaussianReplay: no statistics stored for class(es) {empty.tolist()}")
+        f = self._scale_factors(classes)
+        z = torch.randn(len(classes), n, self.embed_dim, generator=generator, dtype=torch.float64)
+        noise = z * f[:, None, :] if self.cov_mode == "diagonal" else z @ f.transpose(1, 2)
+        x = self.means[classes].double().cpu()[:, None, :] + noise
+        labels = classes.repeat_interleave(n)
+        return x.reshape(-1, self.embed_dim).to(self.means), labels.to(self.means.device)
+
+    # -- classification ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:
+        return self.inner(x, ctx, rois)
+
+    def replay_classes(self, ctx: HeadContext) -> Tensor:
+        """Old classes with statistics (below the task's first class and inside the vocabulary)."""
+        limit = min(self.num_stored, ctx.num_classes)
+        if ctx.task is not None:
+            limit = min(limit, ctx.task.start)
+        return torch.nonzero(self.counts[:limit] > 0).squeeze(1)
+
+    def losses(self, logits: Tensor, labels: Tensor, x: Tensor, ctx: HeadContext) -> Dict[str, Tensor]:
+        out = dict(self.inner.losses(logits, labels, x, ctx))
+        if not self.training:
+            return out
+        step = int(self.step)
+        self.step += 1
+        classes = self.replay_classes(ctx)
+        if self.weight == 0 or self.samples_per_class == 0 or classes.numel() == 0:
+            out["loss_replay"] = logits.sum() * 0.0
+            return out
+        task = ctx.task.index if ctx.task is not None else 0
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, task, step))
+        feats, labs = self.sample(classes, self.samples_per_class, g)
+        out["loss_replay"] = self.weight * F.cross_entropy(self.inner(feats, ctx, None), labs)
+        return out

@@ -1,0 +1,295 @@
+"""SPA (semantic-guided patch alignment): the text classifier plus an optimal-transport score between
+a RoI's description-selected dense CLIP patches and the class descriptions' semantic tokens, and
+task-specific projectors on the RoI embedding (METHOD.md section 4)."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import ot
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from ...config import configurable
+from ...data.descriptions import DEFAULT_TEMPLATE, class_sentences, load_class_descriptions
+from ..context import HeadContext
+from .build import CLS_HEAD_REGISTRY
+from .text_classifier import TextClassifier
+
+__all__ = ["SPAHead", "DescriptionBank", "build_description_bank", "select_patches", "solve_ot_batch",
+           "ot_method_for"]
+
+logger = logging.getLogger(__name__)
+
+OT_METHODS = ("auto", "sinkhorn", "log_sinkhorn")
+_PAIR_BUDGET = 1 << 25  # elements of the per-pair patch/token tensors gathered at once
+_SENTENCE_BATCH = 256  # sentences per text-tower call when building a bank
+
+
+class _Shared:
+    """Holds an object that copies of the head share (deepcopy returns the same holder): the
+    frozen text encoder must not be duplicated into snapshots."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Shared":
+        return self
+
+
+@dataclass
+class DescriptionBank:
+    """Encoded descriptions of a vocabulary: sentence embeddings d_{c,j} and semantic tokens S_c,
+    padded per class (masks mark the real entries). Derived from the frozen CLIP; not saved."""
+
+    names: Tuple[str, ...]
+    sentences: Tensor  # K x J x D, L2-normalised
+    sentence_mask: Tensor  # K x J bool
+    tokens: Tensor  # K x L x D, L2-normalised
+    token_mask: Tensor  # K x L bool
+
+    def to(self, device: torch.device) -> "DescriptionBank":
+        if self.tokens.device == device:
+            return self
+        return DescriptionBank(self.names, self.sentences.to(device), self.sentence_mask.to(device),
+                               self.tokens.to(device), self.token_mask.to(device))
+
+
+def build_description_bank(text: Any, names: Sequence[str], descriptions: Mapping[str, Sequence[str]],
+                           template: str = DEFAULT_TEMPLATE) -> DescriptionBank:
+    """Encode every class's sentences with the frozen text tower (`text.encode_tokens`)."""
+    per_class, missing = class_sentences(names, descriptions, template)
+    if missing:
+        logger.info(f"SPA: {len(missing)} of {len(names)} classes have no description and use "
+                    f"'{template}': {', '.join(missing)}")
+    flat = [s for sents in per_class for s in sents]
+    toks: List[Tensor] = []
+    sents: List[Tensor] = []
+    for i in range(0, len(flat), _SENTENCE_BATCH):
+        t, s = text.encode_tokens(flat[i:i + _SENTENCE_BATCH])
+        toks += list(t)
+        sents.append(s)
+    sent = torch.cat(sents)
+    K, D = len(names), sent.shape[1]
+    J = max(len(s) for s in per_class)
+    class_tokens, pos = [], 0
+    for sents_c in per_class:
+        class_tokens.append(torch.cat(toks[pos:pos + len(sents_c)]))
+        pos += len(sents_c)
+    L = max(int(t.shape[0]) for t in class_tokens)
+    if L == 0:
+        raise ValueError(f"SPA: the descriptions of {list(names)} encode to no tokens")
+    sentences, sentence_mask = sent.new_zeros(K, J, D), torch.zeros(K, J, dtype=torch.bool, device=sent.device)
+    tokens, token_mask = sent.new_zeros(K, L, D), torch.zeros(K, L, dtype=torch.bool, device=sent.device)
+    pos = 0
+    for c, (sents_c, tok_c) in enumerate(zip(per_class, class_tokens)):
+        sentences[c, : len(sents_c)] = sent[pos:pos + len(sents_c)]
+        sentence_mask[c, : len(sents_c)] = True
+        tokens[c, : len(tok_c)] = tok_c
+        token_mask[c, : len(tok_c)] = True
+        pos += len(sents_c)
+    empty = [n for n, m in zip(names, token_mask.any(1).tolist()) if not m]
+    if empty:
+        raise ValueError(f"SPA: the descriptions of {empty} encode to no tokens")
+    return DescriptionBank(tuple(names), sentences, sentence_mask, tokens, token_mask)
+
+
+def select_patches(patches: Tensor, sentences: Tensor, sentence_mask: Tensor, num: int) -> Tensor:
+    """Indices (R x K x num) of each RoI's `num` patches with the highest max_j cos(patch, d_{c,j})
+    for each class. patches: R x P x D, sentences: K x J x D (L2-normalised), mask K x J."""
+    sim = torch.einsum("rpd,kjd->rkpj", patches, sentences)
+    sim = sim.masked_fill(~sentence_mask[None, :, None, :], float("-inf")).amax(dim=-1)  # R x K x P
+    return sim.topk(min(num, patches.shape[1]), dim=-1).indices
+
+
+def ot_method_for(method: str, epsilon: float, device: torch.device) -> str:
+    """The POT method to run. `auto`: plain Sinkhorn on CPU when EPSILON >= 0.05 (faster; with costs
+    in [0, 2] the kernel exp(-C/eps) stays above 1e-18), else the log-domain solver. POT 0.9.7's
+    batched plain Sinkhorn starts its scalings on the CPU, so it cannot run on a GPU."""
+    if method == "auto":
+        return "sinkhorn" if device.type == "cpu" and epsilon >= 0.05 else "log_sinkhorn"
+    if method == "sinkhorn" and device.type != "cpu":
+        raise ValueError(f"MODEL.SPA.OT_METHOD 'sinkhorn' runs on the CPU only (POT's batched Sinkhorn), not on "
+                         f"{device.type}; use 'log_sinkhorn' or 'auto'")
+    return method
+
+
+def solve_ot_batch(cost: Tensor, token_mask: Tensor, epsilon: float, method: str = "auto",
+                   max_iter: int = 100, tol: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """Entropic OT of a batch of problems with POT (`ot.solve_batch`, torch backend): uniform mass
+    on the n patches (rows) and on each problem's real tokens (columns where `token_mask`; padded
+    columns get no mass). cost: B x n x L. Returns the plans T* (B x n x L) and <T*, C> (B), whose
+    gradient w.r.t. the cost is T* (envelope theorem)."""
+    method = ot_method_for(method, epsilon, cost.device)
+    mass = token_mask.to(cost.dtype)
+    b = mass / mass.sum(dim=-1, keepdim=True)
+    cost = cost.masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
+    res = ot.solve_batch(cost, reg=epsilon, b=b, method=method, max_iter=max_iter, tol=tol, grad="envelope")
+    return res.plan, res.value_linear
+
+
+@CLS_HEAD_REGISTRY.register()
+class SPAHead(TextClassifier):
+    """logit_c = tau * (cos(z, t_c) + lambda * s^OT_c) with z = x + sum_t P_t(x) (one zero-initialised
+    Linear(D, D) projector per task, frozen after its task) and s^OT_c = 1 - <T*, C> the entropic-OT
+    alignment of the RoI's top patches (selected by the class's description sentences) with the
+    class's description tokens. Background: tau * cos(z, t_bg). Without RoIs (e.g. replayed
+    features) the OT term is left out."""
+
+    @configurable
+    def __init__(self, *, embed_dim: int, descriptions: Optional[Mapping[str, Sequence[str]]] = None,
+                 fallback_template: str = DEFAULT_TEMPLATE, num_patches: int = 16, patch_resolution: int = 7,
+                 epsilon: float = 0.1, ot_weight: float = 1.0, ot_method: str = "auto", ot_max_iter: int = 100,
+                 ot_tol: float = 1e-5, topk: int = 0, pairs_per_call: int = 0, task_projectors: bool = True,
+                 temperature: float = 50.0,
+                 learn_temperature: bool = True, learn_background: bool = False):
+        super().__init__(embed_dim=embed_dim, temperature=temperature, learn_temperature=learn_temperature,
+                         learn_background=learn_background)
+        if ot_method not in OT_METHODS:
+            raise ValueError(f"MODEL.SPA.OT_METHOD '{ot_method}' is not one of {' | '.join(OT_METHODS)}")
+        if "{}" not in fallback_template:
+            raise ValueError(f"MODEL.SPA.FALLBACK_TEMPLATE '{fallback_template}' needs a '{{}}' for the class name")
+        if epsilon <= 0 or num_patches <= 0 or patch_resolution <= 0 or topk < 0 or pairs_per_call < 0:
+            raise ValueError(f"MODEL.SPA: EPSILON ({epsilon}), NUM_PATCHES ({num_patches}) and POOLER_RESOLUTION "
+                             f"({patch_resolution}) must be > 0, TOPK ({topk}) and PAIRS_PER_CALL "
+                             f"({pairs_per_call}) >= 0")
+        if num_patches > patch_resolution ** 2:
+            raise ValueError(f"MODEL.SPA.NUM_PATCHES ({num_patches}) exceeds the {patch_resolution}x{patch_resolution} "
+                             f"patches of a RoI")
+        self.embed_dim = embed_dim
+        self.descriptions = {k: list(v) for k, v in (descriptions or {}).items()}
+        self.fallback_template = fallback_template
+        self.num_patches, self.patch_resolution = num_patches, patch_resolution
+        self.epsilon, self.ot_weight, self.ot_method = epsilon, ot_weight, ot_method
+        self.ot_max_iter, self.ot_tol, self.topk = ot_max_iter, ot_tol, topk
+        self.pairs_per_call = pairs_per_call
+        self.task_projectors = task_projectors
+        self.projectors = nn.ModuleList()
+        self._text: Optional[_Shared] = None
+        self._banks: "OrderedDict[Tuple[str, ...], DescriptionBank]" = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
+        s = cfg.MODEL.SPA
+        return {**super().from_config(cfg, embed_dim), "descriptions": load_class_descriptions(cfg),
+                "fallback_template": s.FALLBACK_TEMPLATE, "num_patches": s.NUM_PATCHES,
+                "patch_resolution": s.POOLER_RESOLUTION, "epsilon": s.EPSILON, "ot_weight": s.OT_WEIGHT,
+                "ot_method": s.OT_METHOD, "ot_max_iter": s.OT_MAX_ITER, "ot_tol": s.OT_TOL, "topk": s.TOPK,
+                "pairs_per_call": s.PAIRS_PER_CALL, "task_projectors": s.TASK_PROJECTORS}
+
+    # -- continual life cycle ------------------------------------------------------------------
+    def on_task_start(self, task: Any, model: nn.Module) -> None:
+        """Add this task's projector (zero weights: the head starts the task computing exactly what
+        it computed at the end of the previous one); freeze the earlier ones; encode the vocabulary."""
+        if getattr(model, "text", None) is not None:
+            self.set_text_encoder(model.text)
+        if self.task_projectors:
+            while len(self.projectors) <= task.index:  # skip_init: no draw from the global RNG
+                proj = nn.utils.skip_init(nn.Linear, self.embed_dim, self.embed_dim)
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+                self.projectors.append(proj)
+            for i, proj in enumerate(self.projectors):
+                proj.requires_grad_(i == task.index)
+        if self._text is not None:
+            self.bank(tuple(task.class_names))
+
+    def on_task_end(self, task: Any, model: nn.Module) -> None:
+        """The task's projector (and every earlier one) is frozen from now on."""
+        for proj in list(self.projectors)[: task.index + 1]:
+            proj.requires_grad_(False)
+
+    def set_text_encoder(self, text: Any) -> None:
+        """The frozen text encoder (`clcl_det.modeling.text.TextEncoder`) used for descriptions."""
+        self._text = _Shared(text)
+
+    # -- descriptions ---------------------------------------------------------------------------
+    def bank(self, names: Tuple[str, ...], device: Optional[torch.device] = None) -> DescriptionBank:
+        """The encoded descriptions of `names` (built once per vocabulary, a few kept), on `device`."""
+        if names not in self._banks:
+            if self._text is None:
+                raise RuntimeError("SPAHead has no text encoder: it gets the model's in on_task_start "
+                                   "(model.begin_task) or from set_text_encoder()")
+            self._banks[names] = build_description_bank(self._text.obj, names, self.descriptions,
+                                                        self.fallback_template)
+            while len(self._banks) > 4:
+                self._banks.popitem(last=False)
+        self._banks.move_to_end(names)
+        if device is not None:
+            self._banks[names] = self._banks[names].to(device)
+        return self._banks[names]
+
+    def class_names(self, ctx: HeadContext) -> Tuple[str, ...]:
+        """Names of the K classes of ctx: `ctx.class_names` / extras["class_names"] if the model sets
+        them, else the first K classes of the task's class order (the engine's vocabularies),
+        checked against ctx.class_embeddings."""
+        K = ctx.num_classes
+        names = getattr(ctx, "class_names", None) or ctx.get("class_names")
+        if names is None and ctx.task is not None and len(ctx.task.all_class_names) >= K:
+            names = ctx.task.all_class_names[:K]
+            if self._text is not None:
+                expected = self._text.obj.encode_classes(list(names)).to(ctx.class_embeddings)
+                if not torch.allclose(expected, ctx.class_embeddings, atol=1e-5):
+                    names = None
+        if names is None or len(names) != K:
+            raise RuntimeError(f"SPAHead cannot tell which {K} classes are scored: put their names in "
+                               f"ctx.extras['class_names']")
+        return tuple(names)
+
+    # -- forward --------------------------------------------------------------------------------
+    def project(self, x: Tensor) -> Tensor:
+        """z = x + sum_t P_t(x)."""
+        if not len(self.projectors):
+            return x
+        weight = torch.stack([p.weight for p in self.projectors]).sum(0)
+        bias = torch.stack([p.bias for p in self.projectors]).sum(0)
+        return x + F.linear(x, weight, bias)
+
+    def roi_patches(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
+        """RoIAlign-pooled dense CLIP patch tokens, L2-normalised: R x (res*res) x D."""
+        pooled = roi_align(ctx.clip_dense, list(rois), output_size=self.patch_resolution,
+                           spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=0, aligned=True)
+        return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1)
+
+    def candidates(self, text_cos: Tensor) -> Tensor:
+        """R x K bool: the (RoI, class) pairs that get the OT term (top-k text classes, or all)."""
+        R, K = text_cos.shape
+        if self.topk <= 0 or self.topk >= K:
+            return torch.ones(R, K, dtype=torch.bool, device=text_cos.device)
+        idx = text_cos.detach().topk(self.topk, dim=1).indices
+        return torch.zeros(R, K, dtype=torch.bool, device=text_cos.device).scatter_(1, idx, True)
+
+    def ot_scores(self, patches: Tensor, bank: DescriptionBank, candidates: Tensor) -> Tensor:
+        """s^OT (R x K, 0 outside `candidates`): 1 - <T*, 1 - cos(selected patches, S_c)>, the candidate
+        pairs solved together, `pairs_per_call` per POT call (0: as many as keep the gathered
+        tensors near _PAIR_BUDGET elements)."""
+        R, P, D = patches.shape
+        K, L = bank.token_mask.shape
+        n = min(self.num_patches, P)
+        scores = patches.new_zeros(R, K)
+        flat = patches.reshape(R * P, D)
+        r_all, c_all = candidates.nonzero(as_tuple=True)  # sorted by RoI
+        chunk = self.pairs_per_call or max(1, _PAIR_BUDGET // ((n + L) * D + K * P * bank.sentences.shape[1]))
+        for s in range(0, len(r_all), chunk):
+            r, c = r_all[s:s + chunk], c_all[s:s + chunk]
+            r0, r1 = int(r[0]), int(r[-1]) + 1
+            idx = select_patches(patches[r0:r1], bank.sentences, bank.sentence_mask, n)[r - r0, c]  # B x n
+            chosen = flat[r[:, None] * P + idx]  # B x n x D
+            cost = 1.0 - torch.bmm(chosen, bank.tokens[c].transpose(1, 2))  # B x n x L
+            _, value = solve_ot_batch(cost, bank.token_mask[c], self.epsilon, self.ot_method, self.ot_max_iter,
+                                      self.ot_tol)
+            scores[r, c] = 1.0 - value
+        return scores
+
+    def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:
+        cos = self.cosine(self.project(x), ctx)  # R x (K+1)
+        K = ctx.num_classes
+        if rois is None or self.ot_weight == 0 or K == 0 or cos.shape[0] == 0:
+            return self.scale() * cos
+        bank = self.bank(self.class_names(ctx), cos.device)
+        s_ot = self.ot_scores(self.roi_patches(ctx, rois), bank, self.candidates(cos[:, :K]))
+        return self.scale() * (cos + F.pad(self.ot_weight * s_ot, (0, 1)))
