@@ -111,7 +111,7 @@ class TaskTrainer:
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
         if bad:
             raise NonFiniteLossError(
-                f"iteration {it}: non-finite loss {', '.join(f'{k}={float(losses[k])}' for k in bad)}; training "
+                f"iteration {it}: non-finite loss {', '.join(f'{k}={float(losses[k].detach())}' for k in bad)}; training "
                 f"stopped, the last good checkpoint in {self.output_dir} is kept (lower SOLVER.BASE_LR or check the data)"
             )
 
