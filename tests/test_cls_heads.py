@@ -458,7 +458,7 @@ def test_description_names_paths_and_fallback(tmp_path, monkeypatch, caplog):
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
     (folder / "evil.json").symlink_to(outside)
-    monkeypatch.setattr(desc, "_DIR", str(folder))
+    monkeypatch.setattr(desc, "descriptions_dir", lambda: str(folder))
     with pytest.raises(desc.DescriptionError, match="outside"):
         desc.resolve_descriptions_file("evil")
     bad = tmp_path / "bad.json"

@@ -156,6 +156,17 @@ def test_boxes_outside_or_empty_are_clipped_or_dropped(caplog):
     assert "clipped 3 box(es)" in caplog.text and "dropped 2 of zero area" in caplog.text
 
 
+def test_empty_annotation_list_is_evaluated_but_not_trained_on(tmp_path):
+    from clcl_det.data.continual import ContinualSplit, parse_task_string
+
+    root = _voc_folder(str(tmp_path / "v"), OBJ.format("cat", 2, 2, 20, 20),
+                       xml_text="<annotation><size><width>40</width><height>30</height></size></annotation>")
+    dicts = sanitize_dicts(load_voc_instances(root, "train", ["cat", "dog"]), "toy")
+    assert [(d["image_id"], len(d["annotations"])) for d in dicts] == [("good", 1), ("bad", 0)]
+    split = ContinualSplit("1+1", tuple(parse_task_string("1+1")), ("cat", "dog"), ("cat", "dog"))
+    assert [d["image_id"] for d in split.task_train_dicts(dicts, 0)] == ["good"]  # nothing to learn in 'bad'
+
+
 def test_corrupt_jpeg_in_training_is_replaced_and_counted(tmp_path, caplog):
     root = _voc_folder(str(tmp_path / "v"), OBJ.format("cat", 2, 2, 20, 20), image_ok=False)
     dicts = load_voc_instances(root, "train", ["cat"])

@@ -10,9 +10,17 @@ Every step trains both towers on Shapes *train* images (the test split is never 
 - **Crop-caption contrast**: object crops (class-balanced, random context and jitter) go through
   `encode_image` and are contrasted against the captions of all 20 classes.
 
+- **Region term** (`TINY.REGION_WEIGHT`): a box's mean cell response - what the dense hit
+  rate measures - must pick the box's class (cross-entropy over the classes).
+
 Text embeddings are drawn afresh at every step: per class, a few random prompt templates of
 `TINY.TEMPLATES` (plus the bare name), averaged - so the prompt ensemble the detector computes
-lands where training put the classes. Warm-up then cosine decay; AdamW.
+lands where training put the classes; a text-only contrastive term (two templates of a name
+match each other) runs alone for `TINY.TEXT_WARMUP_ITERS` steps first, so the class captions are
+apart before the images join. The ViT starts from a mimetic initialisation of its attention
+(`TINY.MIMETIC_INIT`, Trockman & Kolter 2023) and uses fixed 2-D sin-cos positions: without
+them a ViT trained from scratch stays at chance on *shape* (it learns colour at once) for longer
+than the whole recipe. Warm-up then cosine decay; AdamW.
 """
 from __future__ import annotations
 
@@ -23,7 +31,8 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import open_clip
@@ -37,12 +46,13 @@ from ...data.datasets.voc import load_voc_instances
 from ..text import TEMPLATE_SETS
 from .dense import CLIPDenseEncoder
 from .factory import clip_cache_dir
+from .quality import box_cell_mask
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
 
 logger = logging.getLogger(__name__)
 
-_SECONDS_PER_STEP_HINT = 0.6  # 2-core CPU, default recipe (for the "how long" log line only)
+_SECONDS_PER_STEP_HINT = 1.1  # 2-core CPU, default recipe (for the "how long" log line only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +86,8 @@ def tiny_clip_path(cfg: Any) -> str:
     return os.path.join(clip_cache_dir(cfg), name)
 
 
-def ensure_shapes_tiny(cfg: Any, force: bool = False) -> str:
+def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
+                       ) -> str:
     """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
     `force`). Building runs under a file lock (concurrent processes build it once) and the file
     is written atomically."""
@@ -91,7 +102,7 @@ def ensure_shapes_tiny(cfg: Any, force: bool = False) -> str:
         logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
                     f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
         start = time.perf_counter()
-        pretrain_tiny_clip(cfg, path)
+        pretrain_tiny_clip(cfg, path, eval_fn=eval_fn)
         logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min: '{path}'")
     return path
 
@@ -161,6 +172,38 @@ def _crop_theta(boxes: Tensor, image_size: int, context: Tuple[float, float], ge
     return theta
 
 
+@dataclass
+class _DenseBatch:
+    images: Tensor  # (n, 3, s, s) normalised
+    target: Tensor  # (n, K + 1, h, w) cell coverage; channel 0 = background, k + 1 = class k
+    boxes: Tensor  # (m, 4) XYXY object boxes in the batch's pixel coordinates
+    box_image: Tensor  # (m,) index of each box's image in the batch
+    box_class: Tensor  # (m,) class of each box
+    offset: Tuple[int, int]  # top-left cell of the window in the full patch grid
+
+
+def _cell_coverage(labels: Tensor, num_labels: int, stride: int) -> Tensor:
+    """(n, num_labels, H / stride, W / stride): the fraction of each patch cell's pixels carrying
+    each label of the (n, H, W) label map."""
+    n, H, W = labels.shape
+    h, w = H // stride, W // stride
+    cells = labels[:, :h * stride, :w * stride].reshape(n, h, stride, w, stride).permute(0, 1, 3, 2, 4)
+    cells = cells.reshape(n, h * w, stride * stride)
+    cov = torch.zeros(n, h * w, num_labels).scatter_add_(2, cells, torch.ones(cells.shape)) / (stride * stride)
+    return cov.view(n, h, w, num_labels).permute(0, 3, 1, 2).contiguous()
+
+
+def _transform_boxes(boxes: Tensor, theta: Tensor, size: int) -> Tensor:
+    """XYXY pixel boxes of the input images mapped to the output of `_affine_sample(theta)`
+    (scale, flip and shift only)."""
+    a = theta[:, [0, 1], [0, 1]].repeat(1, 2)  # x, y scale (signed) per box
+    c = theta[:, :, 2].repeat(1, 2)
+    u = (boxes / size * 2 - 1 - c) / a
+    out = (u + 1) * size / 2
+    return torch.stack([torch.minimum(out[:, 0], out[:, 2]), torch.minimum(out[:, 1], out[:, 3]),
+                        torch.maximum(out[:, 0], out[:, 2]), torch.maximum(out[:, 1], out[:, 3])], 1)
+
+
 class _Batches:
     """Random training batches drawn with one torch.Generator (deterministic given the seed)."""
 
@@ -174,27 +217,46 @@ class _Batches:
         self.gen = torch.Generator().manual_seed(seed)
         self._perm: List[int] = []
         labels = data.objects[:, 5].long()
+        self.rows_of_image = [torch.nonzero(data.objects[:, 0] == i).flatten() for i in range(len(data.images))]
         self.by_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
         self.present = [k for k in range(num_classes) if len(self.by_class[k])]
 
     def _normalise(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
-    def dense(self, n: int) -> Tuple[Tensor, Tensor]:
-        """n zoomed/flipped images and their per-cell soft targets (n, K + 1, h, w); channel 0 is
-        the background, channel k + 1 class k."""
+    def dense(self, n: int, window: int = 0) -> _DenseBatch:
+        """n zoomed/flipped images with their cell targets and object boxes. With `window` > 0,
+        every image is cut to the same random window x window square aligned to the patch grid."""
         idx = []
         while len(idx) < n:
             if not self._perm:
                 self._perm = torch.randperm(len(self.data.images), generator=self.gen).tolist()
             idx.append(self._perm.pop())
         images = self.data.images[idx].float()
-        onehot = F.one_hot(self.data.masks[idx].long(), self.K + 1).permute(0, 3, 1, 2).float()
         size = images.shape[-1]
         theta = _zoom_theta(n, self.max_zoom, self.gen)
         images = _affine_sample(images, theta, size, "bilinear")
-        onehot = _affine_sample(onehot, theta, size, "nearest")
-        return self._normalise(images), F.avg_pool2d(onehot, self.stride)
+        masks = _affine_sample(self.data.masks[idx, None].float(), theta, size, "nearest")[:, 0].round().long()
+        rows = [self.rows_of_image[i] for i in idx]
+        box_image = torch.cat([torch.full((len(r),), b) for b, r in enumerate(rows)])
+        obj = self.data.objects[torch.cat(rows)]
+        boxes = _transform_boxes(obj[:, 1:5], theta[box_image], size)
+        top = left = 0
+        side = size
+        if 0 < window < size:
+            cells = (size - window) // self.stride + 1
+            top, left = (int(v) for v in torch.randint(cells, (2,), generator=self.gen))
+            y, x = top * self.stride, left * self.stride
+            images = images[..., y:y + window, x:x + window]
+            masks = masks[..., y:y + window, x:x + window]
+            boxes = boxes - torch.tensor([x, y, x, y], dtype=boxes.dtype)
+            side = window
+        # keep boxes mostly inside the view, clipped to it
+        clipped = boxes.clamp(0, side)
+        area = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+        keep = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1) >= 0.5 * area
+        return _DenseBatch(self._normalise(images), _cell_coverage(masks, self.K + 1, self.stride), clipped[keep],
+                           box_image[keep], obj[keep, 5].long(), (top, left))
 
     def crops(self, n: int, size: int) -> Tuple[Tensor, Tensor]:
         """n object crops (classes drawn uniformly among those present) resized to `size`, and labels."""
@@ -207,6 +269,26 @@ class _Batches:
         # pad with the mean colour so out-of-image areas look neutral after normalisation
         crops = _affine_sample(images - self.mean, theta, size, "bilinear") + self.mean
         return self._normalise(crops), obj[:, 5].long()
+
+
+@contextlib.contextmanager
+def _positional_window(visual: nn.Module, top: int, left: int, h: int, w: int) -> Iterator[None]:
+    """Make `visual.positional_embedding` the (h, w) window at cell (top, left) of its grid (plus
+    the class position), differentiably: a crop of the image at native scale is then encoded with
+    the positions it has in the whole image."""
+    full = visual.positional_embedding
+    g = math.isqrt(full.shape[0] - 1)
+    if (h, w) == (g, g):
+        yield
+        return
+    grid = full[1:].view(g, g, -1)[top:top + h, left:left + w].reshape(h * w, -1)
+    del visual.positional_embedding  # the Parameter; restored below
+    visual.positional_embedding = torch.cat([full[:1], grid])
+    try:
+        yield
+    finally:
+        del visual.positional_embedding
+        visual.positional_embedding = full
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,16 +306,53 @@ class _PromptSampler:
         self.tokens = torch.stack([tokenizer([f(n) for n in names]) for f in fns])
         self.per_name, self.gen = per_name, gen
 
-    def __call__(self, clip: nn.Module) -> Tensor:
+    def sample(self, clip: nn.Module, per_name: int) -> Tensor:
+        """(per_name, N, D): each name under `per_name` random templates, L2-normalised."""
         T, N, L = self.tokens.shape
-        pick = torch.randint(T, (self.per_name, N), generator=self.gen)
+        pick = torch.randint(T, (per_name, N), generator=self.gen)
         tokens = self.tokens[pick, torch.arange(N)[None].expand_as(pick)].reshape(-1, L)
-        emb = F.normalize(clip.encode_text(tokens.to(clip.logit_scale.device)), dim=-1)
-        return F.normalize(emb.view(self.per_name, N, -1).mean(0), dim=-1)
+        return F.normalize(clip.encode_text(tokens.to(clip.logit_scale.device)), dim=-1).view(per_name, N, -1)
+
+    def __call__(self, clip: nn.Module) -> Tuple[Tensor, Tensor]:
+        """The names' embeddings (N, D) and a text-only contrastive loss: two templated prompts
+        of a name must match each other rather than the other names' prompts."""
+        emb = self.sample(clip, max(2, self.per_name))
+        a, b = emb[0], emb[1]
+        logits = a @ b.T / 0.1
+        target = torch.arange(len(a), device=a.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return F.normalize(emb[: self.per_name].mean(0), dim=-1), loss
 
 
 # ----------------------------------------------------------------------------------------------
 # the recipe
+
+
+@torch.no_grad()
+def mimetic_init(visual: nn.Module, gen: torch.Generator, qk: Tuple[float, float] = (0.7, 0.7),
+                 vo: Tuple[float, float] = (0.4, 0.4)) -> None:
+    """Initialise the attention of a ViT so that, per head, W_q^T W_k ~ a Z + b I and, per layer,
+    W_v^T W_o^T ~ a' Z' - b' I (Z Gaussian, scale 1/sqrt(d)): attention starts out favouring
+    similar tokens at nearby positions, which ViTs trained from scratch otherwise learn slowly
+    (mimetic initialisation, Trockman & Kolter 2023)."""
+
+    def factor(a: float, b: float, d: int) -> Tuple[Tensor, Tensor, Tensor]:
+        m = a * torch.randn(d, d, generator=gen) / math.sqrt(d) + b * torch.eye(d)
+        u, sv, vh = torch.linalg.svd(m)
+        return u, sv.sqrt(), vh
+
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        w = attn.in_proj_weight
+        d, heads = attn.embed_dim, attn.num_heads
+        k = d // heads
+        for h in range(heads):
+            u, sq, vh = factor(qk[0], qk[1], d)
+            w[h * k:(h + 1) * k] = (u[:, :k] * sq[:k]).T.to(w.dtype)  # W_q of head h (k x d)
+            w[d + h * k:d + (h + 1) * k] = (sq[:k, None] * vh[:k]).to(w.dtype)  # W_k of head h
+        u, sq, vh = factor(vo[0], -vo[1], d)
+        w[2 * d:] = (u * sq).T.to(w.dtype)  # W_v
+        attn.out_proj.weight.copy_((sq[:, None] * vh).T)  # W_o
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -262,7 +381,8 @@ def _device(cfg: Any) -> torch.device:
     return torch.device(want)
 
 
-def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Any] = None) -> Dict[str, float]:
+def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
+                       ) -> Dict[str, float]:
     """Run the recipe `cfg.MODEL.CLIP.TINY` and save the state_dict atomically at `out_path`.
 
     `eval_fn(model, step)` (optional) is called every `TINY.EVAL_PERIOD` steps and at the end, for
@@ -279,7 +399,13 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Any] = None) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.SEED)
         model = open_clip.create_model(arch, pretrained=None, device=device)
+        if t.MIMETIC_INIT:
+            mimetic_init(model.visual, torch.Generator().manual_seed(t.SEED))
     model.train()
+    # only a few dozen of the 49k token embeddings are ever used: keep the table at its random
+    # init (its dense gradient and Adam state would cost more than the rest of the text tower)
+    if isinstance(getattr(model, "token_embedding", None), nn.Embedding):
+        model.token_embedding.requires_grad_(False)
     encoder = CLIPDenseEncoder(model.visual).train()
     tokenizer = open_clip.get_tokenizer(arch)
     size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
@@ -288,24 +414,40 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Any] = None) -
     batches = _Batches(data, K, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, encoder.patch_size, t.MAX_ZOOM,
                        tuple(t.CROP_CONTEXT), t.SEED + 2)
     prompts = _PromptSampler(tokenizer, names, t.TEMPLATES, t.PROMPTS_PER_CLASS, gen)
-    opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+                            foreach=True)
     warmup = int(round(t.WARMUP_ITERS))
     log_period = max(1, t.ITERS // 20)
     stats: Dict[str, float] = {}
     start = time.perf_counter()
     from tqdm import tqdm
 
-    bar = tqdm(range(t.ITERS), desc="tiny CLIP", unit="step", leave=False)
+    bar = tqdm(range(t.ITERS), desc="tiny CLIP", unit="step", leave=False, disable=None)
+    text_opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+                            foreach=True)
+    for it in range(t.TEXT_WARMUP_ITERS):  # separate the class captions before the images join
+        for g in text_opt.param_groups:
+            g["lr"] = t.LR * min(1.0, (it + 1) / max(1, t.TEXT_WARMUP_ITERS // 4))
+        _, text_loss = prompts(model)
+        text_opt.zero_grad(set_to_none=True)
+        text_loss.backward()
+        text_opt.step()
+    if t.TEXT_WARMUP_ITERS:
+        logger.info(f"text warm-up: {t.TEXT_WARMUP_ITERS} steps, loss {float(text_loss.detach()):.3f}")
+    del text_opt
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = t.LR * _lr_factor(it, t.ITERS, warmup)
-        text = prompts(model)  # (K + 1, D)
+        text, text_loss = prompts(model)  # (K + 1, D)
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = torch.zeros((), device=device)
+        loss = t.TEXT_WEIGHT * text_loss
+        stats["text"] = float(text_loss.detach())
         if t.BATCH_SIZE > 0 and t.DENSE_WEIGHT > 0:
-            images, target = batches.dense(t.BATCH_SIZE)
-            _, dense = encoder(images.to(device))
-            target = target.to(device)
+            batch = batches.dense(t.BATCH_SIZE, t.DENSE_WINDOW)
+            gh, gw = batch.target.shape[-2:]
+            with _positional_window(model.visual, *batch.offset, gh, gw):
+                _, dense = encoder(batch.images.to(device))
+            target = batch.target.to(device)
             # classes (incl. background) in target order: background first
             order = torch.cat([text[K:], text[:K]])
             logits = scale * torch.einsum("bdhw,kd->bkhw", dense, order)
@@ -313,13 +455,27 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Any] = None) -
             weight = 1 + (t.OBJECT_WEIGHT - 1) * (1 - target[:, 0])
             dense_loss = (weight * ce).sum() / weight.sum()
             loss = loss + t.DENSE_WEIGHT * dense_loss
-            stats["dense"] = float(dense_loss)
+            stats["dense"] = float(dense_loss.detach())
+            if t.REGION_WEIGHT > 0 and len(batch.boxes):  # the metric's view: a box's mean response
+                cells = box_cell_mask(batch.boxes.to(device), gh, gw, encoder.patch_size).float()
+                pooled = torch.einsum("nhw,nkhw->nk", cells, logits[batch.box_image.to(device), 1:])
+                pooled = pooled / cells.sum((1, 2))[:, None]
+                region_loss = F.cross_entropy(pooled, batch.box_class.to(device))
+                loss = loss + t.REGION_WEIGHT * region_loss
+                stats["region"] = float(region_loss.detach())
+            with torch.no_grad():  # cells mostly covered by an object: is their class the argmax?
+                obj = target[:, 0] < 0.5
+                stats["cell_acc"] = float((logits.argmax(1) == target.argmax(1))[obj].float().mean())
         if t.CROP_BATCH_SIZE > 0:
             crops, labels = batches.crops(t.CROP_BATCH_SIZE, size)
             feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
             crop_loss = F.cross_entropy(scale * feats @ text[:K].T, labels.to(device))
             loss = loss + crop_loss
-            stats["crop"] = float(crop_loss)
+            stats["crop"] = float(crop_loss.detach())
+            stats["crop_acc"] = float((feats @ text[:K].T).argmax(1).eq(labels.to(device)).float().mean())
+        with torch.no_grad():
+            sim = text[:K] @ text[:K].T
+            stats["text_cos"] = float((sim.sum() - sim.diagonal().sum()) / (K * (K - 1)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

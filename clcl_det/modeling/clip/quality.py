@@ -23,7 +23,7 @@ from .dense import CLIPDenseEncoder
 
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
-    "load_images", "measure_clip",
+    "load_images", "measure_clip", "measure_on_shapes", "format_report",
 ]
 
 
@@ -176,3 +176,37 @@ def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Seque
             progress(len(images))
     clip_model.train(was_training)
     return {"dense_hit_rate": hits, "crop_accuracy": crops}
+
+
+def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
+                      templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
+    """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (the spec of
+    `cfg.DATASETS.SHAPES`), with the prompt-ensembled class embeddings of `TextEncoder`
+    (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
+    from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
+    from ...data.datasets.voc import load_voc_instances
+    from ..text import TextEncoder
+
+    dicts = load_voc_instances(ensure_shapes(ShapesSpec.from_cfg(cfg)), split, SHAPES_CLASSES)
+    dicts = dicts[:num_images] if num_images else dicts
+    was_training = clip_model.training
+    clip_model.eval()
+    text = TextEncoder(clip_model, tokenizer, templates or cfg.MODEL.CLIP.TEMPLATES).encode_classes(SHAPES_CLASSES)
+    res = measure_clip(clip_model, text, dicts, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    clip_model.train(was_training)
+    return res
+
+
+def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Sequence[str]] = None) -> str:
+    """A per-class table of the dense hit rate and the crop accuracy, with the overall numbers."""
+    from tabulate import tabulate
+
+    if class_names is None:
+        from ...data.datasets.shapes import SHAPES_CLASSES as class_names  # type: ignore[no-redef]
+    hits, crops = results["dense_hit_rate"], results["crop_accuracy"]
+    ph, pc = hits.per_class(class_names), crops.per_class(class_names)
+    rows = [[n, int(t), f"{ph[n]:.1%}", f"{pc[n]:.1%}"] for n, t in zip(class_names, hits.total.tolist())]
+    rows.append(["all", int(hits.total.sum()), f"{hits.overall:.1%}", f"{crops.overall:.1%}"])
+    table = tabulate(rows, headers=["class", "boxes", "dense hit rate", "crop accuracy"], tablefmt="pipe")
+    return f"dense hit rate {hits.overall:.1%} (chance {1 / len(class_names):.0%}), crop accuracy " \
+           f"{crops.overall:.1%}\n{table}"
