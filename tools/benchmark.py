@@ -3,6 +3,10 @@
 
     python tools/benchmark.py clclip               # CL-CLIP / F-ViT inference, ViT-B-16 at 640 px, 20 and 80 classes
     python tools/benchmark.py clclip --size 320 --classes 20
+    python tools/benchmark.py clclip MODEL.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
+
+F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
+VOC, 80: COCO), both with random ViT-B-16 weights on the same random images.
 """
 import argparse
 import os
@@ -41,10 +45,16 @@ def clclip(args: argparse.Namespace) -> None:
     print(f"CL-CLIP / F-ViT inference time, ViT-B-16 (random weights), {args.size} px, batch {args.batch}, "
           f"{args.repeats} timed runs each (median), {torch.get_num_threads()} threads")
     for k in args.classes:
-        config = "VOC/finetune_10+10.yaml" if k <= 20 else "COCO/finetune_40+40.yaml"
+        data = "VOC" if k <= 20 else "COCO"
+        split = "10+10" if k <= 20 else "40+40"
         opts = ["INPUT.IMAGE_SIZE", str(args.size)]
-        models = {"F-ViT": _model(config, opts, k),
-                  "CL-CLIP": _model(config, opts + ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads"], k)}
+        # the shipped configs of each method, so the ratio is the one a user gets
+        models = {"F-ViT": _model(f"{data}/finetune_{split}.yaml", opts, k),
+                  "CL-CLIP": _model(f"{data}/clclip_{split}.yaml", opts + list(args.opts), k)}
+        if k == args.classes[0]:
+            me = models["CL-CLIP"].roi_heads
+            print(f"  CL-CLIP head: expert dim {me.experts.expert_dim}, "
+                  f"top-k {me.topk or 'all'} classes per RoI")
         images = _images(args.batch, args.size)
         times: Dict[str, List[float]] = {n: [] for n in models}
         with torch.no_grad():
@@ -70,6 +80,7 @@ def main(argv=None) -> int:
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--threads", type=int, default=torch.get_num_threads())
+    c.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the CL-CLIP model")
     c.set_defaults(func=clclip)
     args = p.parse_args(argv)
     args.func(args)

@@ -1,16 +1,17 @@
 """Build the frozen open_clip model named by MODEL.CLIP (any architecture, tag or local file)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import open_clip
 import torch
 from torch import nn
 
-__all__ = ["build_clip", "clip_cache_dir", "PROJECT_PRETRAINED"]
+__all__ = ["build_clip", "clip_cache_dir", "create_open_clip", "PROJECT_PRETRAINED"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,27 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 PROJECT_PRETRAINED = "shapes-tiny"  # weights built by the project's own recipe and cached
+
+
+@contextlib.contextmanager
+def _open_clip_warnings_quiet() -> Iterator[None]:
+    """open_clip warns on the root logger when a model gets random weights; we say so ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def create_open_clip(arch: str, pretrained: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """`open_clip.create_model`, without open_clip's warning when `pretrained` is None (random
+    weights on purpose)."""
+    if pretrained:
+        return open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+    with _open_clip_warnings_quiet():
+        return open_clip.create_model(arch, pretrained=None, **kwargs)
 
 
 def clip_cache_dir(cfg: Any = None) -> str:
@@ -53,9 +75,7 @@ def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
     # random weights are a function of SEED, so a resumed or eval-only run sees the same CLIP
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(max(cfg.SEED, 0))
-        model = open_clip.create_model(
-            arch, pretrained=pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True
-        )
+        model = create_open_clip(arch, pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, tokenizer

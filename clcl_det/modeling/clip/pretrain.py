@@ -45,7 +45,7 @@ from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, f
 from ...data.datasets.voc import load_voc_instances
 from ..text import TEMPLATE_SETS
 from .dense import CLIPDenseEncoder
-from .factory import clip_cache_dir
+from .factory import clip_cache_dir, create_open_clip
 from .quality import box_cell_mask
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
@@ -398,7 +398,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.SEED)
-        model = open_clip.create_model(arch, pretrained=None, device=device)
+        model = create_open_clip(arch, None, device=device)
         if t.MIMETIC_INIT:
             mimetic_init(model.visual, torch.Generator().manual_seed(t.SEED))
     model.train()
@@ -485,7 +485,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
         if (it + 1) % log_period == 0 or it + 1 == t.ITERS:
             elapsed = time.perf_counter() - start
             msg = " ".join(f"{k} {v:.3f}" for k, v in stats.items())
-            logger.info(f"tiny CLIP step {it + 1}/{t.ITERS}: {msg} scale {float(scale):.1f} "
+            logger.info(f"tiny CLIP step {it + 1}/{t.ITERS}: {msg} scale {float(scale.detach()):.1f} "
                         f"lr {opt.param_groups[0]['lr']:.2e} ({elapsed:.0f}s, eta {elapsed / (it + 1) * (t.ITERS - it - 1):.0f}s)")
         if eval_fn is not None and t.EVAL_PERIOD > 0 and (it + 1) % t.EVAL_PERIOD == 0 and it + 1 < t.ITERS:
             eval_fn(model, it + 1)
