@@ -17,8 +17,8 @@ CONFIGS = ["clclip_spa_10+10", "clclip_replay_10+10", "clclip_sevpr_10+10", "clc
 def test_shapes_config_trains_two_tasks(name, shapes_root, tmp_path):
     cfg = tiny_cfg(str(tmp_path / name))
     cfg.merge_from_file(os.path.join(REPO, "configs", "Shapes", f"{name}.yaml"))
-    # the file's own schedule and output folder, shrunk again for the test
-    cfg.merge_from_list(["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(tmp_path / name),
+    # the file's own CLIP, schedule and output folder, replaced again for the test (random tiny CLIP)
+    cfg.merge_from_list(["MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(tmp_path / name),
                          "INPUT.IMAGE_SIZE", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"])
     summary = run_tiny(cfg)
     assert [s["task"] for s in summary["stages"]] == [0, 1]

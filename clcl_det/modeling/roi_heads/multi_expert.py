@@ -65,19 +65,22 @@ class ExpertBank(nn.Module):
         return torch.cat([getattr(c, name) for c in self.chunks], dim=0)
 
     def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = all K in
-        order, S = K). Returns embeddings R x S x D, activation maps R x S x P*P (channel mean
+        """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
+        classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation maps R x S x P*P (channel mean
         of the first conv, after ReLU) and logit scales R x S."""
         R, S, C, P, _ = x.shape
         E, K = self.expert_dim, self.num_experts
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
         fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
-        if idx is None:  # one grouped conv over all classes, batch = RoIs
-            h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1, b1, padding=1, groups=K))
+        if idx is None:  # one grouped conv over the first S classes (all, unless the vocabulary is cut)
+            if S > K:
+                raise ValueError(f"{S} class pathways for {K} experts")
+            n = S * E
+            h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S))
             act = h.view(R, S, E, P * P).mean(dim=2)
-            h = F.relu(F.conv2d(h, w2, b2, padding=1, groups=K)).view(R, S, E, P * P).mean(dim=3)
-            z = torch.einsum("rse,sed->rsd", h, fc_w) + fc_b
-            return z, act, scale.expand(R, S)
+            h = F.relu(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S)).view(R, S, E, P * P).mean(dim=3)
+            z = torch.einsum("rse,sed->rsd", h, fc_w[:S]) + fc_b[:S]
+            return z, act, scale[:S].expand(R, S)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         flat = idx.reshape(-1)
         w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
