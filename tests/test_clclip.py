@@ -162,3 +162,23 @@ def test_task1_checkpoint_resumes_into_task2_with_grown_vocabulary(clclip_run, t
     assert ref.keys() == new.keys()
     for k in ref:
         assert torch.equal(ref[k], new[k]), k
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_chunked_expert_inference_equals_one_pass(topk, monkeypatch):
+    import clcl_det.modeling.roi_heads.multi_expert as me
+
+    torch.manual_seed(0)
+    cfg = clclip_cfg(**{"MODEL.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64})
+    model = build_model(cfg).eval()
+    model.begin_task(Task(0, 0, 6, NAMES[:6], NAMES[:6]))
+    images = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}
+              for _ in range(2)]
+    with torch.no_grad():
+        one = model(images)
+        monkeypatch.setattr(me, "_MAX_PATHWAY_ELEMENTS", 1)  # one RoI per chunk
+        chunked = model(images)
+    for a, b in zip(one, chunked):
+        assert len(a["boxes"]) > 0
+        for k in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[k], b[k])

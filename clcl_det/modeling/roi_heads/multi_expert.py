@@ -193,7 +193,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             act_parts.append(act)
         s, act = torch.cat(s_parts), torch.cat(act_parts)
         if idx is not None:
-            s = torch.full((len(z), K), float("-inf"), device=z.device, dtype=s.dtype).scatter(1, idx, s)
+            s = torch.full((len(s), K), float("-inf"), device=s.device, dtype=s.dtype).scatter(1, idx, s)
         if self.shared_class_logits:
             s = s + shared[:, :K]
         out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
