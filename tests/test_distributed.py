@@ -25,7 +25,11 @@ def _worker(opts, out_file):
 
     cfg = tiny_cfg(os.path.dirname(out_file))
     cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.LOG_PERIOD", "1",
-                         "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "1e-3",
+                         "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "1e-2",
+                         # SGD: a parameter moves by lr x its gradient, so the check is on the all-reduced
+                         # gradients. (Adam moves a weight whose gradient is ~0 by ~lr x sign(noise): 1 vs 2
+                         # processes then differ by ~lr on such weights, with correct gradients.)
+                         "SOLVER.OPTIMIZER", "SGD",
                          *opts])
     cfg.freeze()
     default_setup(cfg)
