@@ -123,3 +123,22 @@ def test_vocabulary_and_zero_shot_context():
         b = _batch()
         b[0]["classes"] = torch.tensor([0, 3])
         model(b)
+
+
+@pytest.mark.parametrize("config", ["VOC_10+10.yaml", "COCO/clclip_40+40.yaml"])
+def test_real_configs_build_and_detect(config):
+    """The VOC/COCO method configs (ViT-B-16, random weights) build and run inference as shipped,
+    at a small input size."""
+    from clcl_det.data.continual import Task
+
+    cfg = setup_cfg(os.path.join(REPO, "configs", config), [
+        "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "64", "MODEL.CLIP.TEMPLATES", "simple",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    k = 80 if config.startswith("COCO") else 20
+    names = tuple(f"class {i}" for i in range(k))
+    model.begin_task(Task(0, 0, k, names, names))
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
+    assert set(out[0]) >= {"boxes", "scores", "labels"} and model.backbone.embed_dim == 512
