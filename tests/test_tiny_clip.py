@@ -106,10 +106,12 @@ def test_training_data_is_the_train_split_only(tmp_path, datasets_dir):
 
 
 def _locked_build(cfg, log_path: str, out_q) -> None:
+    from clcl_det.utils.checkpoint import atomic_torch_save
+
     def fake_recipe(cfg, out_path, eval_fn=None):
         with open(log_path, "a") as f:
             f.write(f"{os.getpid()}\n")
-        P._save_atomic({"w": torch.zeros(1)}, out_path)
+        atomic_torch_save({"w": torch.zeros(1)}, out_path)
 
     P.pretrain_tiny_clip = fake_recipe
     out_q.put(P.ensure_shapes_tiny(cfg))

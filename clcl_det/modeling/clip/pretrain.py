@@ -45,6 +45,7 @@ from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, f
 from ...data.datasets.voc import load_voc_instances
 from ..text import TEMPLATE_SETS
 from .dense import CLIPDenseEncoder
+from ...utils.checkpoint import atomic_torch_save
 from .factory import clip_cache_dir, create_open_clip
 from .quality import box_cell_mask
 
@@ -494,16 +495,5 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     model.eval()
     if eval_fn is not None:
         eval_fn(model, t.ITERS)
-    _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
     return stats
-
-
-def _save_atomic(state: Dict[str, Tensor], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
