@@ -182,3 +182,42 @@ def test_chunked_expert_inference_equals_one_pass(topk, monkeypatch):
         assert len(a["boxes"]) > 0
         for k in ("boxes", "scores", "labels"):
             torch.testing.assert_close(a[k], b[k])
+
+
+def test_unbiased_background_loss_matches_probability_sums():
+    """Background RoIs: -log(p_bg + sum of old p_k); labelled RoIs: plain CE; 0 old = plain CE."""
+    from clcl_det.modeling.cls_heads.build import unbiased_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 8) * 3  # 7 classes + background
+    logits[2, 1] = float("-inf")  # a class cut by per-RoI top-k
+    labels = torch.tensor([7, 7, 5, 0, 7, 6])
+    p = logits.softmax(dim=1)
+    ref = []
+    for r in range(6):
+        if labels[r] == 7:
+            ref.append(-torch.log(p[r, 7] + p[r, :3].sum()))
+        else:
+            ref.append(-torch.log(p[r, labels[r]]))
+    torch.testing.assert_close(unbiased_cross_entropy(logits, labels, 3), torch.stack(ref).mean())
+    torch.testing.assert_close(unbiased_cross_entropy(logits, labels, 0), F.cross_entropy(logits, labels))
+
+
+def test_unbiased_background_reaches_the_loss_only_after_task_1():
+    """MODEL.ROI_HEADS.UNBIASED_BACKGROUND: task 1 trains plain CE; task 2 absorbs its old classes."""
+    cfg = clclip_cfg(**{"MODEL.ROI_HEADS.UNBIASED_BACKGROUND": "True", "INPUT.IMAGE_SIZE": "64"})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    seen = []
+    head = model.roi_heads.cls_head
+    orig = head.losses
+    head.losses = lambda logits, labels, x, ctx: (seen.append(ctx.background_absorbs), orig(logits, labels, x, ctx))[1]
+    g = torch.Generator().manual_seed(0)
+    for t, task in enumerate([Task(0, 0, 10, NAMES[:10], NAMES), Task(1, 10, 20, NAMES, NAMES)]):
+        model.begin_task(task)
+        model.train()
+        batch = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
+                  "boxes": torch.tensor([[4.0, 5.0, 30.0, 25.0]]), "classes": torch.tensor([task.start]), "seed": t}]
+        model(batch)
+        model.end_task(task)
+    assert seen == [0, 10]

@@ -115,6 +115,7 @@ _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64  # RoIs sampled per image (512 in t
 _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25  # fraction of foreground RoIs
 _C.MODEL.ROI_HEADS.IOU_THRESHOLD = 0.5  # IoU for a proposal to be foreground
 _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True  # add ground-truth boxes to the proposals in training
+_C.MODEL.ROI_HEADS.UNBIASED_BACKGROUND = False  # task t>1: a background RoI is trained towards "background or an old class" (MMA)
 _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.01  # minimum score of a detection
 _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5  # per-class NMS IoU at inference
 _C.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE = 100  # detections kept per image
@@ -155,7 +156,7 @@ _C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
 _C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
 _C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
 _C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
-_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (head combos)
+_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP.yaml)
 
 _C.MODEL.CLCLIP = CN()  # CL-CLIP continual terms
 _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)

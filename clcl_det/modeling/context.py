@@ -20,6 +20,7 @@ class HeadContext:
     image_sizes: List[Tuple[int, int]]  # (h, w) of each image's content inside the padded batch
     task: Any = None  # the current continual Task (None outside the continual loop)
     class_names: Tuple[str, ...] = ()  # names of the K classes of class_embeddings
+    background_absorbs: int = 0  # training: a background label also accepts classes 0..n-1 (unbiased CE)
     extras: Dict[str, Any] = field(default_factory=dict)  # method-specific per-batch tensors (e.g. the cost volume)
 
     @property

@@ -3,22 +3,38 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...utils.registry import Registry, lookup
 from ..context import HeadContext
 
-__all__ = ["CLS_HEAD_REGISTRY", "ClsHead", "build_cls_head"]
+__all__ = ["CLS_HEAD_REGISTRY", "ClsHead", "build_cls_head", "unbiased_cross_entropy"]
 
 CLS_HEAD_REGISTRY = Registry("CLS_HEAD")
 CLS_HEAD_REGISTRY.__doc__ = """Classification heads: (cfg, embed_dim) -> ClsHead mapping RoI embeddings to
 logits over [vocabulary classes..., background]."""
 
 
+def unbiased_cross_entropy(logits: Tensor, labels: Tensor, num_old: int = 0) -> Tensor:
+    """Cross-entropy over [classes..., background] in which the background label (K) is met by
+    background *or* any of the first `num_old` classes: -log(p_bg + sum_{k<num_old} p_k)
+    (MMA's unbiased loss: an unlabelled old object is not taught as background).
+    `num_old` 0 is the plain cross-entropy."""
+    if num_old <= 0:
+        return F.cross_entropy(logits, labels)
+    bg = logits.shape[1] - 1
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    absorbed = torch.cat([logits[:, :num_old], logits[:, bg:]], dim=1).logsumexp(dim=1)
+    target = torch.where(labels == bg, absorbed, target)
+    return (logits.logsumexp(dim=1) - target).mean()
+
+
 class ClsHead(nn.Module):
     """Base class: `forward(x, ctx, rois)` gives logits R x (K+1), background last; `losses`
-    gives the classification loss (cross-entropy; label -1 is ignored)."""
+    gives the classification loss (cross-entropy, unbiased for background when
+    `ctx.background_absorbs` > 0; label -1 is ignored)."""
 
     def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -27,7 +43,7 @@ class ClsHead(nn.Module):
         valid = labels >= 0
         if not bool(valid.any()):
             return {"loss_cls": logits.sum() * 0.0}
-        return {"loss_cls": F.cross_entropy(logits[valid], labels[valid])}
+        return {"loss_cls": unbiased_cross_entropy(logits[valid], labels[valid], ctx.background_absorbs)}
 
 
 def build_cls_head(cfg: Any, embed_dim: int) -> ClsHead:

@@ -64,7 +64,7 @@ class FViTRoIHeads(nn.Module):
                  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), bbox_loss: str = "smooth_l1",
                  smooth_l1_beta: float = 0.0, cls_loss_weight: float = 1.0, score_thresh: float = 0.01,
                  nms_thresh: float = 0.5, detections_per_image: int = 100, topk_candidates: int = 1000, ensemble: bool = True,
-                 ensemble_alpha: float = 0.3, ensemble_temperature: float = 100.0):
+                 ensemble_alpha: float = 0.3, ensemble_temperature: float = 100.0, unbiased_background: bool = False):
         super().__init__()
         self.pooler = MultiScaleRoIAlign(list(level_names[:4]), pooler_resolution, sampling_ratio)
         self.box_head = BoxHead(in_channels, pooler_resolution, num_conv, conv_dim, num_fc, fc_dim, norm)
@@ -82,6 +82,7 @@ class FViTRoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh, self.detections_per_image = score_thresh, nms_thresh, detections_per_image
         self.topk_candidates = topk_candidates
         self.ensemble, self.ensemble_alpha, self.ensemble_temperature = ensemble, ensemble_alpha, ensemble_temperature
+        self.unbiased_background = unbiased_background
 
     @classmethod
     def from_config(cls, cfg: Any, in_channels: int, level_names: Sequence[str], embed_dim: int) -> Dict[str, Any]:
@@ -99,6 +100,7 @@ class FViTRoIHeads(nn.Module):
             "detections_per_image": r.DETECTIONS_PER_IMAGE, "topk_candidates": r.TOPK_CANDIDATES_TEST,
             "ensemble": cfg.MODEL.ENSEMBLE.ENABLED,
             "ensemble_alpha": cfg.MODEL.ENSEMBLE.ALPHA, "ensemble_temperature": cfg.MODEL.ENSEMBLE.CLIP_TEMPERATURE,
+            "unbiased_background": r.UNBIASED_BACKGROUND,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class FViTRoIHeads(nn.Module):
                 seeds: Optional[Sequence[Optional[int]]] = None) -> Tuple[Any, Dict[str, Any]]:
         K = ctx.num_classes
         if self.training:
+            if self.unbiased_background and ctx.task is not None:
+                ctx.background_absorbs = ctx.task.start  # the classes of earlier tasks
             rois, labels, reg_targets = self.sample(proposals, targets, K, seeds or [None] * len(proposals))
             out = self.predict(self.pool(features, rois, ctx.image_sizes), rois, ctx, labels)
             labels = self.adjust_labels(labels, out, ctx)
