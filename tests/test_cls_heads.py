@@ -406,7 +406,9 @@ def test_sgakt_snapshot_frozen_replayed_and_distilled():
     s = torch.cat([s[:, :10], s[:, 20:]], 1)
     p, logq = (t / 20).softmax(1), (s / 20).log_softmax(1)
     expected = 1 * 400 * (p * (p.log() - logq)).sum(1).mean()
-    torch.testing.assert_close(captured["loss"]["loss_sgakt"], expected, rtol=1e-5, atol=1e-6)
+    # a KL between near-equal distributions, scaled by T^2 = 400: float32 noise of the recomputed
+    # teacher logits shows at ~1e-4 relative (seen: 1.5e-4); a wrong formula is off by far more
+    torch.testing.assert_close(captured["loss"]["loss_sgakt"], expected, rtol=1e-3, atol=1e-6)
     # a resumed run rebuilds the snapshot by replaying the tasks, then loads the weights
     _, fresh = _model("MODEL.CONTINUAL_LOSSES", "['SGAKTDistill']")
     fresh.begin_task(TASK0)

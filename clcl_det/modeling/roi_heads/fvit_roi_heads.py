@@ -54,7 +54,11 @@ def pooled_clip_embeddings(dense: Tensor, rois: Sequence[Tensor], stride: int) -
 @ROI_HEADS_REGISTRY.register()
 class FViTRoIHeads(nn.Module):
     """Training: sample RoIs, pool, classify, regress -> losses and the tensors continual losses
-    need. Inference: detections {boxes, scores, labels} per image (padded-input coordinates)."""
+    need. Inference: detections {boxes, scores, labels} per image (padded-input coordinates).
+
+    With `unbiased_background` (MODEL.ROI_HEADS.UNBIASED_BACKGROUND), a background RoI of task
+    t > 1 is trained towards "background or any old class" (`ctx.background_absorbs`), so
+    unlabelled old objects in the new task's images are not taught as background."""
 
     @configurable
     def __init__(self, *, in_channels: int, level_names: Sequence[str], embed_dim: int, cls_head: ClsHead,
