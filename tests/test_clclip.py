@@ -1,6 +1,7 @@
 """CL-CLIP: cost volume, grouped experts vs a per-class loop, expert freezing across tasks,
 drift and orthogonality losses, resume into a task with a grown vocabulary."""
 import copy
+import math
 import os
 
 import pytest
@@ -221,3 +222,29 @@ def test_unbiased_background_reaches_the_loss_only_after_task_1():
         model(batch)
         model.end_task(task)
     assert seen == [0, 10]
+
+
+def test_unbiased_distillation_matches_per_roi_loop():
+    from clcl_det.modeling.losses.distillation import unbiased_logit_distillation
+    g = torch.Generator().manual_seed(0)
+    k_old, k_new, T = 3, 2, 2.0
+    student = torch.randn(6, k_old + k_new + 1, generator=g) * 3
+    teacher = torch.randn(6, k_old + 1, generator=g) * 3
+    ref = []
+    for s, t in zip(student.tolist(), teacher.tolist()):  # by hand: probabilities, not log-sum-exp
+        ps = [math.exp(v / T) for v in s]
+        ps = [v / sum(ps) for v in ps]
+        merged = ps[:k_old] + [sum(ps[k_old:])]  # new classes + background = "background"
+        qs = [math.exp(v / T) for v in t]
+        qs = [v / sum(qs) for v in qs]
+        ref.append(sum(q * math.log(q / p) for q, p in zip(qs, merged)))
+    got = unbiased_logit_distillation(student, teacher, T)
+    assert got.item() == pytest.approx(sum(ref) / len(ref) * T * T, rel=1e-5)
+    # a new object the teacher calls background costs nothing when the student calls it new ...
+    t_bg = torch.tensor([[-5.0, -5.0, -5.0, 5.0]])
+    s_new = torch.tensor([[-5.0, -5.0, -5.0, 5.0, -30.0, -30.0]])  # mass on a new class, not on bg
+    s_new[0, 3], s_new[0, 5] = -30.0, 5.0
+    assert unbiased_logit_distillation(s_new, t_bg).item() < 1e-6
+    # ... and calling an old object (teacher: class 0) new or background costs a lot
+    t_old = torch.tensor([[5.0, -5.0, -5.0, -5.0]])
+    assert unbiased_logit_distillation(s_new, t_old).item() > 5.0

@@ -171,6 +171,11 @@ _C.MODEL.DISTILL = CN()  # Faster-ILOD-style distillation baseline
 _C.MODEL.DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation
 _C.MODEL.DISTILL.ROI_WEIGHT = 1.0  # weight of old-class logit distillation (L2 on centred logits)
 
+_C.MODEL.UNBIASED_DISTILL = CN()  # UnbiasedDistill: RPN + KL on [old, background], new classes counted as background
+_C.MODEL.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
+_C.MODEL.UNBIASED_DISTILL.ROI_WEIGHT = 1.0  # weight of the unbiased RoI logit KL
+_C.MODEL.UNBIASED_DISTILL.TEMPERATURE = 1.0  # softmax temperature T of the KL (scaled by T^2)
+
 # ---------------------------------------------------------------------------------------------
 _C.SOLVER = CN()
 _C.SOLVER.OPTIMIZER = "AdamW"  # AdamW | SGD

@@ -1,8 +1,10 @@
-"""Faster-ILOD-style distillation baseline: the previous task's RPN outputs and old-class RoI
-logits, on the current images."""
+"""Distillation of the previous task's model on the current images: the Faster-ILOD baseline (RPN
+outputs + L2 on centred old-class RoI logits) and the unbiased variant CL-CLIP uses (RPN outputs +
+KL on [old classes, background] with the new classes counted as background, MiB's unbiased
+distillation)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +12,8 @@ from torch import Tensor, nn
 from ...config import configurable
 from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, teacher_pyramid
 
-__all__ = ["FasterILODDistill", "rpn_distillation", "logit_distillation"]
+__all__ = ["FasterILODDistill", "UnbiasedDistill", "rpn_distillation", "logit_distillation",
+           "unbiased_logit_distillation", "teacher_outputs"]
 
 
 def rpn_distillation(student_obj: List[Tensor], student_deltas: List[Tensor], teacher_obj: List[Tensor],
@@ -34,6 +37,32 @@ def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
     return (s - t).pow(2).mean()
 
 
+def unbiased_logit_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(q || p) per RoI, averaged: q = softmax(teacher / T) over [old classes, background]
+    (R x (k_old + 1)); p = the student's softmax(student / T) over [old, new, background]
+    (R x (K + 1)) with the new classes' probability added to the background's, so a new object
+    the teacher called background costs nothing when the student calls it new. Times T^2."""
+    k_old = teacher.shape[1] - 1
+    logp = (student / temperature).log_softmax(dim=1)
+    logp = torch.cat([logp[:, :k_old], logp[:, k_old:].logsumexp(dim=1, keepdim=True)], dim=1).clamp_min(-1e4)
+    q = (teacher / temperature).softmax(dim=1)
+    kl = (q * (q.clamp_min(1e-30).log() - logp)).sum(dim=1)
+    return kl.mean() * temperature ** 2 if kl.numel() else student.sum() * 0.0
+
+
+def teacher_outputs(teacher: nn.Module, outputs: Dict[str, Any]) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+    """The teacher's RPN objectness and deltas on the batch and its RoI logits on the student's
+    sampled RoIs (R x (k_old + 1), background last)."""
+    feats = teacher_pyramid(teacher, outputs)
+    rois = outputs["roi"]["rois"]
+    with torch.no_grad():
+        t_obj, t_deltas = teacher.proposal_generator.head(list(feats.values()))
+        t_ctx = teacher.make_context(outputs["ctx"].clip_dense, outputs["ctx"].image_sizes)
+        t_logits = teacher.roi_heads.predict(teacher.roi_heads.pool(feats, rois, t_ctx.image_sizes), rois,
+                                             t_ctx)["logits"]
+    return t_obj, t_deltas, t_logits
+
+
 @CONTINUAL_LOSS_REGISTRY.register()
 class FasterILODDistill(ContinualLoss):
     """RPN distillation + old-class RoI logit distillation (MODEL.DISTILL)."""
@@ -53,16 +82,41 @@ class FasterILODDistill(ContinualLoss):
                 teacher: Optional[nn.Module]) -> Dict[str, Tensor]:
         if teacher is None:
             return {}
-        feats = teacher_pyramid(teacher, outputs)
-        rois = outputs["roi"]["rois"]
-        with torch.no_grad():
-            t_obj, t_deltas = teacher.proposal_generator.head(list(feats.values()))
-            t_ctx = teacher.make_context(outputs["ctx"].clip_dense, outputs["ctx"].image_sizes)
-            t_logits = teacher.roi_heads.predict(teacher.roi_heads.pool(feats, rois, t_ctx.image_sizes), rois,
-                                                 t_ctx)["logits"]
+        t_obj, t_deltas, t_logits = teacher_outputs(teacher, outputs)
         k_old = t_logits.shape[1] - 1
         s_logits = outputs["roi"]["logits"]
         s_old = torch.cat([s_logits[:, :k_old], s_logits[:, -1:]], dim=1)
         rpn = rpn_distillation(outputs["rpn"]["objectness"], outputs["rpn"]["deltas"], t_obj, t_deltas)
         return {"loss_distill_rpn": self.rpn_weight * rpn,
                 "loss_distill_roi": self.roi_weight * logit_distillation(s_old, t_logits)}
+
+
+@CONTINUAL_LOSS_REGISTRY.register()
+class UnbiasedDistill(ContinualLoss):
+    """RPN distillation + unbiased RoI logit distillation (MODEL.UNBIASED_DISTILL): the previous
+    model's old-class/background distribution is kept on every sampled RoI without teaching new
+    objects as background."""
+
+    needs_teacher = True
+
+    @configurable
+    def __init__(self, *, rpn_weight: float = 1.0, roi_weight: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        self.rpn_weight, self.roi_weight, self.temperature = rpn_weight, roi_weight, temperature
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Dict[str, Any]:
+        d = cfg.MODEL.UNBIASED_DISTILL
+        return {"rpn_weight": d.RPN_WEIGHT, "roi_weight": d.ROI_WEIGHT, "temperature": d.TEMPERATURE}
+
+    def forward(self, model: nn.Module, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]],
+                teacher: Optional[nn.Module]) -> Dict[str, Tensor]:
+        if teacher is None:
+            return {}
+        t_obj, t_deltas, t_logits = teacher_outputs(teacher, outputs)
+        losses = {"loss_distill_roi": self.roi_weight * unbiased_logit_distillation(
+            outputs["roi"]["logits"], t_logits, self.temperature)}
+        if self.rpn_weight > 0:
+            losses["loss_distill_rpn"] = self.rpn_weight * rpn_distillation(
+                outputs["rpn"]["objectness"], outputs["rpn"]["deltas"], t_obj, t_deltas)
+        return losses
