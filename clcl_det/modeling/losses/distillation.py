@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import configurable
@@ -45,8 +46,7 @@ def unbiased_logit_distillation(student: Tensor, teacher: Tensor, temperature: f
     k_old = teacher.shape[1] - 1
     logp = (student / temperature).log_softmax(dim=1)
     logp = torch.cat([logp[:, :k_old], logp[:, k_old:].logsumexp(dim=1, keepdim=True)], dim=1).clamp_min(-1e4)
-    q = (teacher / temperature).softmax(dim=1)
-    kl = (q * (q.clamp_min(1e-30).log() - logp)).sum(dim=1)
+    kl = F.kl_div(logp, (teacher / temperature).softmax(dim=1), reduction="none").sum(dim=1)
     return kl.mean() * temperature ** 2 if kl.numel() else student.sum() * 0.0
 
 
