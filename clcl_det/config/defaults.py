@@ -173,7 +173,7 @@ _C.MODEL.DISTILL.ROI_WEIGHT = 1.0  # weight of old-class logit distillation (L2 
 
 _C.MODEL.UNBIASED_DISTILL = CN()  # UnbiasedDistill: RPN + KL on [old, background], new classes counted as background
 _C.MODEL.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
-_C.MODEL.UNBIASED_DISTILL.ROI_WEIGHT = 1.0  # weight of the unbiased RoI logit KL
+_C.MODEL.UNBIASED_DISTILL.ROI_WEIGHT = 0.5  # weight of the unbiased RoI logit KL (Shapes: 1.0 and 0.25 in MODEL_ZOO.md)
 _C.MODEL.UNBIASED_DISTILL.TEMPERATURE = 1.0  # softmax temperature T of the KL (scaled by T^2)
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class UnbiasedDistill(ContinualLoss):
     needs_teacher = True
 
     @configurable
-    def __init__(self, *, rpn_weight: float = 1.0, roi_weight: float = 1.0, temperature: float = 1.0):
+    def __init__(self, *, rpn_weight: float = 1.0, roi_weight: float = 0.5, temperature: float = 1.0):
         super().__init__()
         self.rpn_weight, self.roi_weight, self.temperature = rpn_weight, roi_weight, temperature
 
