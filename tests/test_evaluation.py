@@ -103,12 +103,44 @@ def test_voc_ap_hand_worked_3gt_4det():
     assert voc_ap(rec, prec, "area") == pytest.approx(5 / 9)
 
 
-def test_voc_ap_recall_exactly_on_grid_point():
-    # recall reaches exactly 0.3 (3 of 10 GTs) with precision 1, then nothing.
-    # 11-point: r in {0,.1,.2,.3} -> 1, rest 0 -> 4/11 (np.arange(0,1.1,.1) would miss r=.3: 3/11)
-    # area: 0.3 * 1 = 0.3
+def _voc_eval_11pt(rec, prec):
+    """detectron2's / py-faster-rcnn's voc_eval 11-point loop, as written there."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+        ap = ap + p / 11.0
+    return ap
+
+
+def test_voc07_ap_recall_exactly_on_03_06_07_follows_np_arange():
+    # 10 non-difficult GTs; detections by decreasing score: T T T F T T T F T
+    # (R, P): (.1,1) (.2,1) (.3,1) (.3,3/4) (.4,4/5) (.5,5/6) (.6,6/7) (.6,6/8) (.7,7/9)
+    # voc_eval's levels np.arange(0., 1.1, .1) hold 0.30000000000000004, 0.6000000000000001 and
+    # 0.7000000000000001, above the recalls 3/10, 6/10, 7/10, so those levels take the next point:
+    #   r = 0, .1, .2            -> 1            (3 levels)
+    #   r = .3+, .4, .5          -> max(4/5, 5/6, 6/7, 6/8, 7/9) = 6/7   (3 levels)
+    #   r = .6+                  -> 7/9
+    #   r = .7+, .8, .9, 1       -> 0
+    # AP = (3 + 3 * 6/7 + 7/9) / 11  (exact i/10 levels would give (4 + 3 * 6/7 + 7/9) / 11)
+    # area (unchanged): .3 * 1 + .3 * 6/7 + .1 * 7/9
+    gt_boxes = [[20 * i, 0, 20 * i + 10, 10] for i in range(10)]
+    gts = {"img": _gt(gt_boxes)}
+    miss = [200, 200, 210, 210]
+    order = [0, 1, 2, None, 3, 4, 5, None, 6]  # GT index hit, None = a false positive
+    boxes = [gt_boxes[i] if i is not None else miss for i in order]
+    scores = np.linspace(0.9, 0.1, len(order))
+    dets = {"img": _det(boxes, scores)}
+    ap07, area = _both(dets, gts)
+    assert ap07 == pytest.approx((3 + 3 * 6 / 7 + 7 / 9) / 11, abs=1e-12)
+    assert area == pytest.approx(0.3 + 0.3 * 6 / 7 + 0.1 * 7 / 9, abs=1e-12)
+    _, tp, fp, npos = match_detections(dets, gts)
+    rec = np.cumsum(tp) / npos
+    prec = np.cumsum(tp) / (np.cumsum(tp) + np.cumsum(fp))
+    assert rec[2] == 0.3 and rec[6] == 0.6 and rec[8] == 0.7
+    assert ap07 == pytest.approx(_voc_eval_11pt(rec, prec), abs=1e-15)
+    # recall ending exactly on 0.3 with precision 1: levels 0, .1, .2 only -> 3/11
     rec, prec = np.array([0.1, 0.2, 3 / 10]), np.ones(3)
-    assert voc_ap(rec, prec, "voc07") == pytest.approx(4 / 11)
+    assert voc_ap(rec, prec, "voc07") == pytest.approx(3 / 11)
     assert voc_ap(rec, prec, "area") == pytest.approx(0.3)
     with pytest.raises(ValueError, match="voc07"):
         voc_ap(rec, prec, "voc12")
@@ -210,7 +242,8 @@ def _ref_match(dets, gts, thr):
 
 
 def _ref_ap(tps, fps, npos):
-    """Exact AP with Fractions: 11-point, and area = sum_k 1/npos * max P at R >= k/npos."""
+    """Exact AP with Fractions: 11-point as voc_eval (float recall tp / npos against the float
+    levels np.arange(0, 1.1, 0.1)), and area = sum_k 1/npos * max P at R >= k/npos."""
     pts, tp, fp = [], 0, 0
     for a, b in zip(tps, fps):
         tp, fp = tp + a, fp + b
@@ -219,7 +252,11 @@ def _ref_ap(tps, fps, npos):
     def pmax(r):
         return max([p for rr, p in pts if rr >= r], default=Fraction(0))
 
-    ap07 = sum(pmax(Fraction(i, 10)) for i in range(11)) / 11
+    def tp_over_npos(rr):  # voc_eval's float recall (IEEE division is correctly rounded)
+        return rr.numerator / rr.denominator
+
+    levels = np.arange(0.0, 1.1, 0.1)
+    ap07 = sum(max([p for rr, p in pts if tp_over_npos(rr) >= r], default=Fraction(0)) for r in levels) / 11
     area = sum(pmax(Fraction(k, npos)) for k in range(1, npos + 1)) / npos
     return float(ap07), float(area)
 

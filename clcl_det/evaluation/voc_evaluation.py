@@ -40,8 +40,12 @@ AP_METHODS = {
 def voc_ap(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
     """AP from a PR curve (points in decreasing-score order).
 
-    ``"voc07"``: mean over r in {0, 0.1, ..., 1} of the maximum precision at recall >= r
-    (0 where no point reaches r). ``"area"``: area under the curve after making precision
+    ``"voc07"``: mean over the 11 recall levels ``np.arange(0.0, 1.1, 0.1)`` of the maximum
+    precision at recall >= r (0 where no point reaches r), exactly as detectron2's and
+    py-faster-rcnn's ``voc_eval``: those levels are floats, so 0.3, 0.6 and 0.7 are
+    0.30000000000000004, 0.6000000000000001 and 0.7000000000000001, and a recall landing
+    exactly on 0.3 / 0.6 / 0.7 does not reach its level. This is the number published VOC07
+    tables were computed with. ``"area"``: area under the curve after making precision
     monotonically non-increasing in recall (VOC2010+).
     """
     if method not in AP_METHODS:
@@ -51,8 +55,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
     if recall.shape != precision.shape:
         raise ValueError(f"voc_ap: recall {recall.shape} and precision {precision.shape} differ in shape")
     if method == "voc07":
-        # r = i / 10 exactly (np.arange(0, 1.1, 0.1) would give 0.30000000000000004 at i = 3)
-        best = [precision[recall >= r].max(initial=0.0) for r in np.arange(11) / 10.0]
+        # the float levels of voc_eval, on purpose (see the docstring)
+        best = [precision[recall >= r].max(initial=0.0) for r in np.arange(0.0, 1.1, 0.1)]
         return float(np.sum(best) / 11.0)
     mrec = np.concatenate(([0.0], recall, [1.0]))
     mpre = np.concatenate(([0.0], precision, [0.0]))
