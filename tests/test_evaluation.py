@@ -3,6 +3,7 @@ COCO AP through pycocotools, continual tables, and distributed (2-process gloo) 
 from __future__ import annotations
 
 import math
+import re
 import os
 import pickle
 from fractions import Fraction
@@ -25,6 +26,7 @@ from clcl_det.evaluation import (
     inference_on_dataset,
     match_detections,
     plot_stages,
+    plot_task_matrix,
     read_json,
     stage_metrics,
     summarize_stages,
@@ -591,7 +593,17 @@ def test_build_stage_table_and_summary(tmp_path):
 
     summary = summarize_stages(loaded, NAMES, RANGES)
     assert [s["mAP@A"] for s in summary["stages"]] == [75.0, 58.75, pytest.approx(340 / 6)]
-    assert summary["stages"][2]["mAP@B"] == pytest.approx(220 / 4) and summary["stages"][2]["mAP@N"] == 60.0
+    # B = the first task's classes c0, c1: (75 + 60)/2; N = every class added after it, c2..c5:
+    # (45 + 40 + 70 + 50)/4 (MMA/ABR), not the last task's alone
+    assert summary["stages"][2]["mAP@B"] == pytest.approx(135 / 2)
+    assert summary["stages"][2]["mAP@N"] == pytest.approx(205 / 4)
+    assert summary["mean_mAP@A"] == pytest.approx((75.0 + 58.75 + 340 / 6) / 3)
+    # task x stage matrix: rows tasks (c0-c1, c2-c3, c4-c5), columns stages
+    tm = summary["task_matrix"]
+    assert tm["tasks"] == ["1-2", "3-4", "5-6"]
+    assert tm["mAP"] == [[75.0, 67.5, 67.5], [None, 50.0, 42.5], [None, None, 60.0]]
+    assert tm["zero_shot"] == [[None, None, None], [6.0, None, None], [2.0, 3.0, None]]
+    assert loaded[2]["task_mAP"] == [67.5, 42.5, 60.0]
     # forgetting = best earlier AP - final AP:
     # c0: max(80, 85) - 75 = 10 (best at task 1); c1: max(70, 50) - 60 = 10 (best at task 0)
     # c2: 60 - 45 = 15; c3: 40 - 40 = 0; mean = 35/4 = 8.75. c4, c5 are new in the final task.
@@ -606,12 +618,23 @@ def test_build_stage_table_and_summary(tmp_path):
     assert summary["stages"][0]["zero_shot_mAP"] == 4.0 and "zero_shot_mAP" not in summary["stages"][2]
     text = format_summary(summary)
     assert "mAP@A" in text and "forgetting" in text and "(5.00)" in text and "8.75" in text
+    assert "first task's classes" in text and "Task x stage matrix" in text
+    assert f"Mean mAP@A over 3 stages: {(75.0 + 58.75 + 340 / 6) / 3:.2f}" in text
+    assert re.search(r"task 2 \(3-4\) +\| +\(6\.00\) +\| +50\.00 +\| +42\.50", text)
+    # a two-task summary prints what it printed before: no matrix, no mean line
+    two = summarize_stages(loaded[:2], NAMES[:4], [range(0, 2), range(2, 4)])
+    two_text = format_summary(two)
+    assert "Task x stage matrix" not in two_text and "Mean mAP@A" not in two_text
+    assert "B = old classes, N = new classes of the task" in two_text
 
     png = tmp_path / "plots" / "stages.png"
     plot_stages(summary, str(png))
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert not [p for p in os.listdir(png.parent) if p.startswith(".tmp_")]
+    heat = tmp_path / "plots" / "tasks.png"
+    plot_task_matrix(summary, str(heat))
+    assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_json(summary, str(tmp_path / "summary.json"))
     assert read_json(str(tmp_path / "summary.json"))["mean_forgetting"] == 8.75
 

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Tabulate finished runs for MODEL_ZOO.md: mAP@B / mAP@N / mAP@A after the last task.
 
+B = the first task's classes, N = every class added after the first task, A = all (MMA / ABR
+convention; for two tasks: old / new). When a run has more than two tasks the table adds the
+mean of mAP@A over the stages and each task's mAP after the last stage.
+
     python tools/zoo_table.py --split 10+10 output/shapes/finetune_10+10 output/shapes/clclip_10+10 output/shapes/joint
 
 A run trained on one task (joint, zero-shot) is grouped by --split: B = the split's first task's
@@ -28,13 +32,16 @@ def row(run_dir: str, split: str) -> Dict[str, Any]:
     last = s["stages"][-1]
     label = os.path.basename(os.path.normpath(run_dir))
     if s["num_tasks"] > 1 and last["task"] == s["num_tasks"] - 1:  # a continual run, complete
+        tm = s.get("task_matrix", {})
         return {"run": label, "B": last.get("mAP@B"), "N": last.get("mAP@N"), "A": last.get("mAP@A"),
-                "stages": [st.get("mAP@A") for st in s["stages"]]}
+                "stages": [st.get("mAP@A") for st in s["stages"]], "num_tasks": s["num_tasks"],
+                "mean_A": s.get("mean_mAP@A"), "tasks": [row[-1] for row in tm.get("mAP", [])]}
     first = parse_task_string(split)[0]
     final = {n: v[-1] for n, v in s["per_class"].items()}
     zero = {n: v[-1] for n, v in s.get("zero_shot", {}).items()}
     vals = [final.get(n) if final.get(n) is not None else zero.get(n) for n in names]
-    return {"run": label, "B": _mean(vals[:first]), "N": _mean(vals[first:]), "A": _mean(vals), "stages": []}
+    return {"run": label, "B": _mean(vals[:first]), "N": _mean(vals[first:]), "A": _mean(vals), "stages": [],
+            "num_tasks": s["num_tasks"], "mean_A": None, "tasks": []}
 
 
 def main(argv=None) -> int:
@@ -42,12 +49,20 @@ def main(argv=None) -> int:
     p.add_argument("--split", required=True, help="task string the B/N groups of single-task runs follow")
     p.add_argument("runs", nargs="+", help="OUTPUT_DIRs of finished runs")
     args = p.parse_args(argv)
-    print("| run | mAP@B | mAP@N | mAP@A | mAP@A per stage |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in args.runs:
-        x = row(r, args.split)
-        f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"  # noqa: E731
-        print(f"| {x['run']} | {f(x['B'])} | {f(x['N'])} | {f(x['A'])} | {' / '.join(f(v) for v in x['stages'])} |")
+    rows = [row(r, args.split) for r in args.runs]
+    multi = any(x["num_tasks"] > 2 for x in rows)
+    f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"  # noqa: E731
+    if multi:
+        print("| run | mAP@B | mAP@N | mAP@A | mAP@A per stage | mean mAP@A | per-task mAP after the last task |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print("| run | mAP@B | mAP@N | mAP@A | mAP@A per stage |")
+        print("| --- | --- | --- | --- | --- |")
+    for x in rows:
+        line = f"| {x['run']} | {f(x['B'])} | {f(x['N'])} | {f(x['A'])} | {' / '.join(f(v) for v in x['stages'])} |"
+        if multi:
+            line += f" {f(x['mean_A'])} | {' / '.join(f(v) for v in x['tasks']) or '-'} |"
+        print(line)
     return 0
 
 

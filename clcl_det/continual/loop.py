@@ -7,7 +7,7 @@ OUTPUT_DIR/
     model_final.pth           the model after task t and its between-task steps
     metrics.json              stage results (written last: the task is complete)
     per_class.txt             the per-class table
-  summary.json / .txt / .png  every completed stage
+  summary.json / .txt / .png  every completed stage; summary_tasks.png the task x stage heat-map
 """
 from __future__ import annotations
 

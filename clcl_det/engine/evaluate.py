@@ -11,7 +11,7 @@ from torch import nn
 from ..data import MetadataCatalog, build_test_loader
 from ..data.continual import ContinualSplit, Task
 from ..evaluation import (COCOEvaluator, PascalVOCEvaluator, build_stage, describe_ap, format_stage_table,
-                          format_summary, inference_on_dataset, plot_stages, read_json, summarize_stages,
+                          format_summary, inference_on_dataset, plot_stages, plot_task_matrix, read_json, summarize_stages,
                           write_json)
 from ..utils import comm
 from ..utils.checkpoint import atomic_write_bytes
@@ -84,7 +84,8 @@ def evaluate_stage(cfg: Any, model: nn.Module, split: ContinualSplit, task: Task
 
 
 def write_summary(cfg: Any, split: ContinualSplit, out_dir: str, final: bool = False) -> Dict[str, Any]:
-    """Summary over every completed stage in `out_dir` (summary.json / .txt / .png)."""
+    """Summary over every completed stage in `out_dir` (summary.json / .txt / .png, and the task x
+    stage heat-map summary_tasks.png)."""
     if not comm.is_main_process():
         return {}
     stages = [read_json(p) for p in sorted(glob.glob(os.path.join(out_dir, "task_*", "metrics.json")),
@@ -96,6 +97,7 @@ def write_summary(cfg: Any, split: ContinualSplit, out_dir: str, final: bool = F
     write_json(summary, os.path.join(out_dir, "summary.json"))
     atomic_write_bytes(os.path.join(out_dir, "summary.txt"), (text + "\n").encode())
     plot_stages(summary, os.path.join(out_dir, "summary.png"))
+    plot_task_matrix(summary, os.path.join(out_dir, "summary_tasks.png"))
     if final:
         logger.info(f"summary of {len(stages)} stage(s) ({cfg.CONTINUAL.TASKS} on {cfg.DATASETS.TRAIN[0]}):\n{text}")
     return summary

@@ -5,6 +5,7 @@ from .continual_metrics import (
     format_stage_table,
     format_summary,
     plot_stages,
+    plot_task_matrix,
     read_json,
     stage_metrics,
     summarize_stages,
@@ -24,5 +25,5 @@ __all__ = [
     "DatasetEvaluator", "DatasetEvaluators", "DetectionEvaluatorBase", "inference_context",
     "inference_on_dataset", "AP_METHODS", "voc_ap", "match_detections", "eval_detections_for_class",
     "PascalVOCEvaluator", "COCOEvaluator", "describe_ap", "stage_metrics", "build_stage",
-    "format_stage_table", "summarize_stages", "format_summary", "plot_stages", "write_json", "read_json",
+    "format_stage_table", "summarize_stages", "format_summary", "plot_stages", "plot_task_matrix", "write_json", "read_json",
 ]

@@ -1,9 +1,15 @@
-"""Continual-learning tables: old / new / all means per stage, forgetting, zero-shot AP.
+"""Continual-learning tables: base / incremental / all means per stage, the task x stage
+matrix, forgetting, zero-shot AP.
 
 Tasks are 0-based here (``task_ranges[t]`` are the classes learned in task ``t``); printed
 text says "task t+1/T". After task t the classes are grouped as **old** (tasks < t),
 **new** (task t), **seen** = old + new, and **future** (tasks > t; evaluated zero-shot if the
 engine asks for it).
+
+The means follow the MMA / ABR convention ("1-15 / 16-20" on 15+1x5): **mAP@B** is the mean
+over the *first* task's classes (base), **mAP@N** over every class added after the first task
+(incremental: tasks 1..t), **mAP@A** over all seen classes. For two tasks B / N are the old /
+new classes; from the third task on, N holds every later task's classes, not the last one's.
 
 Stage record (``build_stage``; what ``OUTPUT_DIR/task_<t>/metrics.json`` holds; NaN is written
 as ``null``)::
@@ -18,7 +24,10 @@ as ``null``)::
                                     # seen classes, as the evaluator returned them
       "zero_shot": {"cow": {"AP50": 3.1, ...}, ...},   # future classes; {} if not evaluated
       "summary": {"mAP@B": 70.1, "mAP@N": 60.2, "mAP@A": 65.1, "zero_shot_mAP": 3.1},
-                                    # mAP@B / mAP@N absent at task 0; zero_shot_mAP only with zero_shot
+                                    # B = task 0's classes, N = tasks 1..t; absent at task 0;
+                                    # zero_shot_mAP only with zero_shot
+      "task_mAP": [70.1, 60.2],     # mean AP of each learned task's classes (tasks 0..t)
+      "task_classes": [[0, ..., 9], [10, ..., 19]],   # class indices of tasks 0..t
       "extra": {...}                # anything else the engine stores (iteration, evaluator results)
     }
 
@@ -27,6 +36,10 @@ as ``null``)::
     {
       "metric": "AP50", "ap_definition": "...", "num_tasks": 2, "class_names": [...],
       "stages": [{"task": 0, "mAP@A": .., "mAP@B": .., "mAP@N": .., "zero_shot_mAP": ..}, ...],
+      "mean_mAP@A": mean of mAP@A over the stages,
+      "task_matrix": {"tasks": ["1-10", "11-20"],     # classes of each task (1-based)
+                      "mAP": [[task 0 after stage 0, after stage 1, ...], ...],   # None before learned
+                      "zero_shot": [[...], ...]},     # zero-shot mAP of a task's classes before learned
       "per_class": {name: [AP after task 0, AP after task 1, ...]},   # None before learned
       "zero_shot": {name: [zero-shot AP at each stage, None once learned / not evaluated]},
       "forgetting": {name: {"best": , "best_task": , "final": , "forgetting": }},
@@ -47,7 +60,7 @@ from tabulate import tabulate
 
 __all__ = [
     "describe_ap", "stage_metrics", "build_stage", "format_stage_table", "summarize_stages",
-    "format_summary", "plot_stages", "write_json", "read_json",
+    "format_summary", "plot_stages", "plot_task_matrix", "write_json", "read_json",
 ]
 
 _AP_WORDS = {
@@ -96,8 +109,9 @@ def stage_metrics(
 ) -> Dict[str, float]:
     """``{"mAP@B": mean over old, "mAP@N": mean over new, "mAP@A": mean over old + new}``.
 
-    Means are over classes, NaN (no GT) left out. Without old classes (first task) only
-    ``mAP@A`` is returned.
+    The stage records pass the first task's classes as `old` and every later seen class as
+    `new` (module docstring). Means are over classes, NaN (no GT) left out. Without old classes
+    (first task) only ``mAP@A`` is returned.
     """
     old_vals = [_value(per_class, class_names[c], key) for c in old]
     new_vals = [_value(per_class, class_names[c], key) for c in new]
@@ -107,6 +121,20 @@ def stage_metrics(
         out["mAP@N"] = _nanmean(new_vals)
     out["mAP@A"] = _nanmean(old_vals + new_vals)
     return out
+
+
+def _base_incremental(t: int, task_ranges: Sequence[Sequence[int]]) -> Dict[str, List[int]]:
+    """B = the first task's classes, N = the classes of tasks 1..t (both empty-safe at t = 0)."""
+    if t == 0:
+        return {"base": [], "incremental": [int(c) for c in task_ranges[0]]}
+    return {"base": [int(c) for c in task_ranges[0]],
+            "incremental": [int(c) for r in task_ranges[1:t + 1] for c in r]}
+
+
+def _task_means(t: int, task_ranges: Sequence[Sequence[int]], values: Mapping[str, Any],
+                class_names: Sequence[str], key: str) -> List[float]:
+    """Mean AP of each task 0..t's classes in a per-class result (NaN left out)."""
+    return [_nanmean([_value(values, class_names[c], key) for c in task_ranges[k]]) for k in range(t + 1)]
 
 
 def _groups(t: int, task_ranges: Sequence[Sequence[int]]) -> Dict[str, List[int]]:
@@ -136,7 +164,8 @@ def build_stage(
     """
     groups = _groups(t, task_ranges)
     seen = groups["old"] + groups["new"]
-    summary = stage_metrics(per_class, class_names, groups["old"], groups["new"], key)
+    bn = _base_incremental(t, task_ranges)
+    summary = stage_metrics(per_class, class_names, bn["base"], bn["incremental"], key)
     zs: Dict[str, Dict[str, Any]] = {}
     if zero_shot:
         zs = {class_names[c]: dict(zero_shot[class_names[c]]) for c in groups["future"]
@@ -152,6 +181,8 @@ def build_stage(
         "per_class": {class_names[c]: dict(per_class[class_names[c]]) for c in seen},
         "zero_shot": zs,
         "summary": summary,
+        "task_mAP": _task_means(t, task_ranges, per_class, class_names, key),
+        "task_classes": [[int(c) for c in r] for r in task_ranges[:t + 1]],
         "extra": dict(extra or {}),
     }
 
@@ -200,6 +231,11 @@ def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tab
     s = stage["summary"]
     if "mAP@B" in s:
         last = f"mAP@B / mAP@N / mAP@A ({key}): {_fmt(s['mAP@B'])} / {_fmt(s['mAP@N'])} / {_fmt(s['mAP@A'])}"
+        if T > 2:  # multi-step: say which classes B and N are, and each task's mean
+            ranges = stage.get("task_classes") or [stage["groups"]["old"], stage["groups"]["new"]]
+            last += (f" (B = task 1 classes {_span(ranges[0])}, N = classes {_span([c for r in ranges[1:] for c in r])}"
+                     f" of task{'s 2-' if t > 1 else ' '}{t + 1}); per task: "
+                     + ", ".join(f"task {k + 1} {_fmt(v)}" for k, v in enumerate(stage.get("task_mAP", []))))
     else:
         last = f"mAP@A ({key}, first task: no old classes): {_fmt(s['mAP@A'])}"
     if "zero_shot_mAP" in s:
@@ -232,7 +268,8 @@ def summarize_stages(
         t = int(stage["task"])
         g = _groups(t, task_ranges)
         row: Dict[str, Any] = {"task": t}
-        row.update(stage_metrics(stage["per_class"], class_names, g["old"], g["new"], key))
+        bn = _base_incremental(t, task_ranges)
+        row.update(stage_metrics(stage["per_class"], class_names, bn["base"], bn["incremental"], key))
         for c in g["old"] + g["new"]:
             per_class[class_names[c]][i] = _value(stage["per_class"], class_names[c], key)
         zs = stage.get("zero_shot") or {}
@@ -260,12 +297,26 @@ def summarize_stages(
     def _null(v: Optional[float]) -> Optional[float]:
         return None if v is None or math.isnan(v) else v
 
+    def _task_mean(values: Sequence[Optional[float]], k: int) -> Optional[float]:
+        vals = [values[c] for c in task_ranges[k]]
+        return None if all(v is None for v in vals) else _null(_nanmean([_num(v) for v in vals]))
+
+    learned_m, zs_m = [], []
+    for k in range(len(task_ranges)):
+        learned_m.append([_task_mean([per_class[n][i] for n in class_names], k) if k <= tasks[i] else None
+                          for i in range(num_stages)])
+        zs_m.append([_task_mean([zero_shot[n][i] for n in class_names], k) if k > tasks[i] else None
+                     for i in range(num_stages)])
+
     return {
         "metric": key,
         "ap_definition": stages[-1]["ap_definition"],
         "num_tasks": len(task_ranges),
         "class_names": list(class_names),
         "stages": rows,
+        "mean_mAP@A": _nanmean([_num(r["mAP@A"]) for r in rows]),
+        "task_matrix": {"tasks": [_span([c + 1 for c in r]) for r in task_ranges], "stage_tasks": tasks,
+                        "mAP": learned_m, "zero_shot": zs_m},
         "per_class": {n: [_null(v) for v in vals] for n, vals in per_class.items()},
         "zero_shot": {n: [_null(v) for v in vals] for n, vals in zero_shot.items()
                       if any(v is not None for v in vals)},
@@ -284,12 +335,27 @@ def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
              _fmt(s["mAP@B"]) if "mAP@B" in s else "-", _fmt(s["mAP@N"]) if "mAP@N" in s else "-"]
             + ([_fmt(s["zero_shot_mAP"]) if "zero_shot_mAP" in s else "-"] if has_zs else [])
             for s in stages]
+    multi = T > 2
     parts = [
         f"Continual summary — {summary['ap_definition']} (percent); "
-        f"B = old classes, N = new classes of the task, A = all seen",
+        + ("B = first task's classes, N = every class added after it, A = all seen" if multi else
+           "B = old classes, N = new classes of the task, A = all seen"),
         tabulate(rows, headers=heads, tablefmt=tablefmt, disable_numparse=True,
                  colalign=("left",) + ("right",) * (len(heads) - 1)),
     ]
+    if multi and "task_matrix" in summary:
+        tm = summary["task_matrix"]
+        heads_t = ["classes of"] + [f"after task {s['task'] + 1}" for s in stages]
+        rows_t = []
+        for k, label in enumerate(tm["tasks"]):
+            cells = [_fmt(v) if v is not None else (f"({_fmt(z)})" if z is not None else "-")
+                     for v, z in zip(tm["mAP"][k], tm["zero_shot"][k])]
+            rows_t.append([f"task {k + 1} ({label})"] + cells)
+        parts.append(f"Task x stage matrix: m{key} of each task's classes after each task "
+                     f"(zero-shot mAP of not-yet-learned tasks in parentheses)")
+        parts.append(tabulate(rows_t, headers=heads_t, tablefmt=tablefmt, disable_numparse=True,
+                              colalign=("left",) + ("right",) * len(stages)))
+        parts.append(f"Mean mAP@A over {len(stages)} stages: {_fmt(summary['mean_mAP@A'])}")
     task_heads = [f"task {s['task'] + 1}" for s in stages]
     matrix = []
     for name in summary["class_names"]:
@@ -330,8 +396,9 @@ def plot_stages(summary: Mapping[str, Any], path: str) -> None:
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for name, label, style in (("mAP@A", "all seen (A)", "o-"), ("mAP@B", "old (B)", "s--"),
-                               ("mAP@N", "new (N)", "^--"), ("zero_shot_mAP", "zero-shot (future)", "x:")):
+    for name, label, style in (("mAP@A", "all seen (A)", "o-"), ("mAP@B", "first task's classes (B)", "s--"),
+                               ("mAP@N", "classes added later (N)", "^--"),
+                               ("zero_shot_mAP", "zero-shot (future)", "x:")):
         ys = [_num(s.get(name)) for s in stages]
         if any(not math.isnan(y) for y in ys):
             ax.plot(x, ys, style, label=label)
@@ -341,6 +408,45 @@ def plot_stages(summary: Mapping[str, Any], path: str) -> None:
     ax.set_title(summary["ap_definition"], fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = _atomic_target(path, ".png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def plot_task_matrix(summary: Mapping[str, Any], path: str) -> None:
+    """Heat-map PNG of the task x stage matrix (mAP of each task's classes after each task),
+    values written in the cells, zero-shot cells in parentheses; written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tm = summary["task_matrix"]
+    learned = np.array([[_num(v) for v in row] for row in tm["mAP"]], dtype=float)
+    zs = np.array([[_num(v) for v in row] for row in tm["zero_shot"]], dtype=float)
+    n_tasks, n_stages = learned.shape
+    fig = Figure(figsize=(1.2 + 0.9 * n_stages, 1.0 + 0.5 * n_tasks), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_invalid(learned), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for k in range(n_tasks):
+        for i in range(n_stages):
+            if not math.isnan(learned[k, i]):
+                ax.text(i, k, f"{learned[k, i]:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if learned[k, i] < 60 else "black")
+            elif not math.isnan(zs[k, i]):
+                ax.text(i, k, f"({zs[k, i]:.1f})", ha="center", va="center", fontsize=6, color="grey")
+    ax.set_xticks(range(n_stages))
+    ax.set_xticklabels([str(t + 1) for t in tm.get("stage_tasks", range(n_stages))])
+    ax.set_yticks(range(n_tasks))
+    ax.set_yticklabels([f"task {k + 1} ({c})" for k, c in enumerate(tm["tasks"])], fontsize=7)
+    ax.set_xlabel("after task")
+    ax.set_title(f"m{summary['metric']} per task; {summary['ap_definition']}", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     tmp = _atomic_target(path, ".png")
     try:
