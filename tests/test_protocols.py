@@ -58,3 +58,54 @@ def test_four_task_shapes_run_metrics_by_hand(shapes_root, tmp_path):
     assert "Task x stage matrix" in text and "Mean mAP@A over 4 stages" in text
     for f in ("summary.png", "summary_tasks.png"):
         assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# per-task budget from the task's data
+
+
+def _voc_like_dicts(n=600, seed=0):
+    """VOC-like dataset dicts: 20 classes, 1-4 objects per image, class 20 rare (like tvmonitor)."""
+    rng = np.random.default_rng(seed)
+    freq = np.ones(20)
+    freq[19] = 0.25
+    freq /= freq.sum()
+    dicts = []
+    for i in range(n):
+        cats = rng.choice(20, size=int(rng.integers(1, 5)), p=freq)
+        dicts.append({"image_id": i, "file_name": f"{i}.jpg", "height": 100, "width": 100,
+                      "annotations": [{"bbox": [0, 0, 10, 10], "category_id": int(c)} for c in cats]})
+    return dicts
+
+
+def test_task_budget_follows_the_task_images():
+    from clcl_det.config import get_cfg
+    from clcl_det.data.continual import build_continual_split
+    from clcl_det.data.datasets import VOC_CLASSES
+    from clcl_det.engine.trainer import task_schedule
+
+    dicts = _voc_like_dicts()
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.EPOCHS", "12", "SOLVER.IMS_PER_BATCH", "16", "SOLVER.MAX_ITER", "1000",
+                         "SOLVER.WARMUP_ITERS", "100", "SOLVER.STEPS", "(0.5, 800)"])
+    budgets = {}
+    for tasks in ("19+1", "15+5"):
+        cfg.CONTINUAL.TASKS = tasks
+        split = build_continual_split(cfg, VOC_CLASSES)
+        for t in (0, 1):
+            n = len(split.task_train_dicts(dicts, t))
+            # brute force: images holding a class of the task
+            lo, hi = (0, split.task_sizes[0]) if t == 0 else (split.task_sizes[0], 20)
+            assert n == sum(any(lo <= a["category_id"] < hi for a in d["annotations"]) for d in dicts)
+            sched = task_schedule(cfg, n)
+            it = sched.SOLVER.MAX_ITER
+            assert it == math.ceil(12 * n / 16)  # 12 epochs of the task's n images at batch 16
+            assert sched.SOLVER.WARMUP_ITERS == round(100 * it / 1000)
+            assert sched.SOLVER.STEPS == (0.5, round(800 * it / 1000))
+            budgets[tasks, t] = (n, it)
+    (n19, i19), (n15, i15) = budgets["19+1", 1], budgets["15+5", 1]
+    assert n19 < n15 / 3  # a 1-class step has far fewer images than a 5-class step ...
+    assert i15 / i19 == pytest.approx(n15 / n19, rel=0.05)  # ... and proportionally fewer iterations
+    assert cfg.SOLVER.MAX_ITER == 1000  # the run's config is not changed
+    cfg.SOLVER.EPOCHS = 0.0
+    assert task_schedule(cfg, 37) is cfg  # EPOCHS 0: MAX_ITER for every task (Shapes)

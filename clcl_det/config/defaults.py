@@ -185,7 +185,8 @@ _C.SOLVER.MOMENTUM = 0.9  # SGD momentum
 _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas
 _C.SOLVER.WEIGHT_DECAY = 0.1  # weight decay
 _C.SOLVER.IMS_PER_BATCH = 8  # total images per iteration over all processes
-_C.SOLVER.MAX_ITER = 1000  # iterations per task
+_C.SOLVER.MAX_ITER = 1000  # iterations per task (with EPOCHS > 0: the reference length WARMUP_ITERS / STEPS are given at)
+_C.SOLVER.EPOCHS = 0.0  # per-task budget in epochs of the task's images: ceil(EPOCHS * images / IMS_PER_BATCH) iterations (0 = MAX_ITER)
 _C.SOLVER.LR_SCHEDULER = "cosine"  # cosine | multistep | constant
 _C.SOLVER.STEPS = (0.67, 0.89)  # multistep milestones as fractions of MAX_ITER
 _C.SOLVER.GAMMA = 0.1  # multistep decay factor

@@ -161,14 +161,16 @@ class ContinualRunner:
 
     # -- one task -----------------------------------------------------------------------------------
     def train_task(self, task: Task, resume_partial: bool) -> None:
-        from ..engine.trainer import TaskTrainer
+        from ..engine.trainer import TaskTrainer, task_schedule
 
         t = task.index
         dicts = self.split.task_train_dicts(self.train_dicts(), t)
+        cfg = task_schedule(self.cfg, len(dicts))  # SOLVER.EPOCHS: the budget follows the task's images
         logger.info(f"task {t + 1}/{self.split.num_tasks}: classes {task.start + 1}-{task.stop} "
-                    f"({', '.join(task.new_class_names)}); {len(dicts)} training images")
+                    f"({', '.join(task.new_class_names)}); {len(dicts)} training images, "
+                    f"{cfg.SOLVER.MAX_ITER} iterations")
         trainer = TaskTrainer(
-            self.cfg, self.model, lambda start: build_train_loader(self.cfg, dicts, task=t, start_iter=start),
+            cfg, self.model, lambda start: build_train_loader(cfg, dicts, task=t, start_iter=start),
             self.task_dir(t), extra_meta={"label": f"[task {t + 1}/{self.split.num_tasks}] ",
                                           "checkpoint": self._meta(t, "train")})
         if resume_partial:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils import comm
 from ..utils.checkpoint import DetectionCheckpointer, PeriodicCheckpointer
 
-__all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError"]
+__all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,27 @@ def lr_factor(cfg: Any, it: int) -> float:
         alpha = it / s.WARMUP_ITERS
         f *= s.WARMUP_FACTOR * (1 - alpha) + alpha
     return f
+
+
+def task_schedule(cfg: Any, num_images: int) -> Any:
+    """The config of one task's schedule: with SOLVER.EPOCHS > 0 the task runs
+    ceil(EPOCHS * num_images / IMS_PER_BATCH) iterations, and WARMUP_ITERS and absolute STEPS
+    (given at the reference length SOLVER.MAX_ITER) scale with it; else `cfg` itself."""
+    s = cfg.SOLVER
+    if s.EPOCHS <= 0:
+        return cfg
+    if num_images <= 0:
+        raise ValueError("SOLVER.EPOCHS: the task has no training images to count epochs over")
+    iters = max(1, math.ceil(s.EPOCHS * num_images / s.IMS_PER_BATCH))
+    ratio = iters / max(s.MAX_ITER, 1)
+    out = cfg.clone()
+    out.defrost()
+    out.SOLVER.MAX_ITER = iters
+    out.SOLVER.WARMUP_ITERS = int(round(s.WARMUP_ITERS * ratio))
+    out.SOLVER.STEPS = tuple(m if m < 1 else max(1, int(round(m * ratio))) for m in s.STEPS)
+    if cfg.is_frozen():
+        out.freeze()
+    return out
 
 
 def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
