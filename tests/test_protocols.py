@@ -109,3 +109,63 @@ def test_task_budget_follows_the_task_images():
     assert cfg.SOLVER.MAX_ITER == 1000  # the run's config is not changed
     cfg.SOLVER.EPOCHS = 0.0
     assert task_schedule(cfg, 37) is cfg  # EPOCHS 0: MAX_ITER for every task (Shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# IOR's non-co-occurrence image filter
+
+
+def _hand_made_coco(tmp_path):
+    """Categories a (id 1), b (id 2), c (id 5), d (id 7); per image the categories it holds."""
+    images = {
+        10: [1],             # a
+        11: [1, 5],          # a + c
+        12: [5],             # c
+        13: [5, 7],          # c + d
+        14: [(2, "crowd"), 7],  # a crowd of b + d
+        15: [],              # nothing
+        16: [7],             # d
+        17: [2, 7],          # b + d
+    }
+    anns, k = [], 0
+    for img, cats in images.items():
+        for c in cats:
+            crowd = isinstance(c, tuple)
+            k += 1
+            anns.append({"id": k, "image_id": img, "category_id": c[0] if crowd else c, "bbox": [1, 1, 5, 5],
+                         "area": 25.0, "iscrowd": int(crowd)})
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": 20, "width": 20} for i in images],
+            "annotations": anns,
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": "c"},
+                           {"id": 7, "name": "d"}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("tasks, image_filter, expected", [
+    # IOR 2+2: task 1 = images with a or b (co-occurring c/d unlabelled, kept); task 2 = images with
+    # c or d and no a/b object, crowd included (11, 14, 17 dropped)
+    ("2+2", "non_cooccurrence", [[10, 11, 17], [12, 13, 16]]),
+    # three tasks: task 3 (d) also drops 13 (holds c of task 2)
+    ("2+1+1", "non_cooccurrence", [[10, 11, 17], [12, 13], [16]]),
+    # the standard protocol keeps every image with a task object
+    ("2+2", "contains_current", [[10, 11, 17], [11, 12, 13, 14, 16, 17]]),
+    # exclusive also drops task 1's images holding a later class
+    ("2+2", "exclusive", [[10], [12, 13, 14, 16]]),
+])
+def test_non_cooccurrence_filter_on_hand_made_json(tmp_path, tasks, image_filter, expected):
+    from clcl_det.config import get_cfg
+    from clcl_det.data.continual import build_continual_split
+    from clcl_det.data.datasets import load_coco_json
+
+    dicts = load_coco_json(_hand_made_coco(tmp_path), str(tmp_path))
+    cfg = get_cfg()
+    cfg.merge_from_list(["CONTINUAL.TASKS", tasks, "CONTINUAL.IMAGE_FILTER", image_filter])
+    split = build_continual_split(cfg, ["a", "b", "c", "d"])
+    got = [[d["image_id"] for d in split.task_train_dicts(dicts, t)] for t in range(split.num_tasks)]
+    assert got == expected
+    # only the task's own boxes are labelled
+    for t, ds in enumerate(split.task_train_dicts(dicts, t) for t in range(split.num_tasks)):
+        task = split.task(t)
+        assert all(task.start <= a["category_id"] < task.stop for d in ds for a in d["annotations"])

@@ -30,7 +30,7 @@ _C.DATASETS.SHAPES.IMAGE_SIZE = 128  # side of the square generated images, pixe
 _C.CONTINUAL = CN()
 _C.CONTINUAL.TASKS = "10+10"  # task string: class counts per task, e.g. 19+1, 10+5+5, 15+1x5
 _C.CONTINUAL.CLASS_ORDER = []  # class names in learning order; empty = the dataset's order
-_C.CONTINUAL.IMAGE_FILTER = "contains_current"  # contains_current | exclusive (drop images with other tasks' classes)
+_C.CONTINUAL.IMAGE_FILTER = "contains_current"  # contains_current | exclusive (drop images with other tasks' classes) | non_cooccurrence (IOR: task t>1 drops images with earlier tasks' classes)
 _C.CONTINUAL.TRAIN_TASKS = 0  # train only the first N tasks (0 = all); later classes are evaluated zero-shot
 _C.CONTINUAL.TEACHER = "auto"  # keep the previous task's frozen model: auto (if a loss needs it) | always | never
 

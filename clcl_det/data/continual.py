@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 __all__ = ["Task", "ContinualSplit", "parse_task_string", "build_continual_split", "SplitError"]
 
-IMAGE_FILTERS = ("contains_current", "exclusive")
+IMAGE_FILTERS = ("contains_current", "exclusive", "non_cooccurrence")
 
 
 class SplitError(ValueError):
@@ -115,7 +115,10 @@ class ContinualSplit:
 
     def task_train_dicts(self, dicts: Sequence[Dict[str, Any]], t: int) -> List[Dict[str, Any]]:
         """Training dicts of task t: images with at least one task-t object; only task-t boxes
-        are labelled. With `exclusive`, images that also hold other tasks' objects are dropped."""
+        are labelled. With `exclusive`, images that also hold other tasks' objects are dropped.
+        With `non_cooccurrence` (IOR's COCO protocol, its data_split/create_*_non_cooccurence_json
+        scripts), task t > 0 drops the images that hold an object of an earlier task, crowd boxes
+        included: every image trains the first task whose class it holds, and no later one."""
         task = self.task(t)
         out = []
         for d in self.remap(dicts):
@@ -124,6 +127,8 @@ class ContinualSplit:
             if not current:
                 continue
             if self.image_filter == "exclusive" and len(current) != len(annos):
+                continue
+            if self.image_filter == "non_cooccurrence" and any(a["category_id"] < task.start for a in d["annotations"]):
                 continue
             d["annotations"] = [copy.copy(a) for a in current]
             out.append(d)
