@@ -169,3 +169,30 @@ def test_non_cooccurrence_filter_on_hand_made_json(tmp_path, tasks, image_filter
     for t, ds in enumerate(split.task_train_dicts(dicts, t) for t in range(split.num_tasks)):
         task = split.task(t)
         assert all(task.start <= a["category_id"] < task.stop for d in ds for a in d["annotations"])
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO ground-truth area from the json
+
+
+def test_coco_area_comes_from_the_json(tmp_path):
+    import torch
+
+    from clcl_det.data.datasets import load_coco_json
+    from clcl_det.evaluation import COCOEvaluator
+
+    # one 40x40 box (box area 1600: "medium" by the box) whose json area is 900 ("small", < 32^2)
+    data = {"images": [{"id": 1, "file_name": "1.jpg", "height": 100, "width": 100}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 40, 40], "area": 900.0,
+                             "iscrowd": 0}],
+            "categories": [{"id": 3, "name": "thing"}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    dicts = load_coco_json(str(path), str(tmp_path))
+    assert dicts[0]["annotations"][0]["area"] == 900.0
+    ev = COCOEvaluator(dicts, ["thing"])
+    ev.process([{"image_id": 1}], [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]),
+                                    "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}])
+    res = ev.evaluate()["bbox"]
+    # the object is small by its json area: APs is 100, APm has no ground truth (NaN)
+    assert res["APs"] == pytest.approx(100.0) and math.isnan(res["APm"]) and math.isnan(res["APl"])

@@ -25,7 +25,8 @@ def _require(entry: Dict[str, Any], keys: Sequence[str], what: str, json_file: s
 
 
 def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """Dataset dicts of a COCO instances json; crowd boxes are kept with `iscrowd=1`.
+    """Dataset dicts of a COCO instances json; crowd boxes are kept with `iscrowd=1`, and each
+    annotation keeps the json's `area` (the segment's area, not the box's) for COCO evaluation.
 
     Category ids become contiguous indices in category-id order; if `class_names` is given, the
     json's category names must match it (it is the metadata written at registration).
@@ -61,12 +62,15 @@ def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[s
         if w <= 0 or h <= 0:
             skipped += 1
             continue
-        per_image.setdefault(a["image_id"], []).append({
+        anno = {
             "bbox": [float(x), float(y), float(x + w), float(y + h)],
             "bbox_mode": BoxMode.XYXY_ABS,
             "category_id": cat_to_contiguous[a["category_id"]],
             "iscrowd": int(a.get("iscrowd", 0)),
-        })
+        }
+        if a.get("area") is not None:  # the object's (mask) area: what pycocotools' small/medium/large use
+            anno["area"] = float(a["area"])
+        per_image.setdefault(a["image_id"], []).append(anno)
     dicts = []
     for img in data["images"]:
         _require(img, ("id", "file_name", "height", "width"), "image", json_file)
