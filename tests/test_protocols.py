@@ -196,3 +196,43 @@ def test_coco_area_comes_from_the_json(tmp_path):
     res = ev.evaluate()["bbox"]
     # the object is small by its json area: APs is 100, APm has no ground truth (NaN)
     assert res["APs"] == pytest.approx(100.0) and math.isnan(res["APm"]) and math.isnan(res["APl"])
+
+
+# ----------------------------------------------------------------------------------------------
+# VOC class names for the text encoder
+
+
+def test_voc_text_encoder_reads_natural_language_names():
+    import torch
+    from torch import nn
+
+    from clcl_det.data.catalog import MetadataCatalog
+    from clcl_det.data.datasets import VOC_CLASSES
+    from clcl_det.modeling.text import TextEncoder
+
+    meta = MetadataCatalog.get("voc_2007_trainval")
+    assert meta.thing_classes == list(VOC_CLASSES) and "diningtable" in meta.thing_classes  # dataset spelling
+    names = meta.text_names
+    assert (names["diningtable"], names["pottedplant"], names["tvmonitor"]) == ("dining table", "potted plant",
+                                                                                 "tv monitor")
+    assert names["aeroplane"] == "aeroplane" and names["motorbike"] == "motorbike"
+
+    seen = []
+
+    class FakeCLIP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def encode_text(self, tokens):
+            return torch.randn(len(tokens), 8)
+
+    def tokenizer(sentences):
+        seen.extend(sentences)
+        return torch.zeros(len(sentences), 4, dtype=torch.long)
+
+    text = TextEncoder(FakeCLIP(), tokenizer, "simple", text_names=names)
+    emb = text.encode_classes(["diningtable", "cat"])
+    assert emb.shape == (2, 8)
+    assert "art of the dining table." in seen and "art of the cat." in seen
+    assert not any("diningtable" in s for s in seen)

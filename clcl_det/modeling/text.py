@@ -1,7 +1,7 @@
 """Text side of the frozen CLIP: prompt-ensembled class embeddings and description tokens."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,20 @@ TEMPLATE_SETS: Dict[str, Sequence[Callable[[str], str]]] = {
 
 class TextEncoder:
     """Encodes class names (prompt ensemble, cached) and sentences (token-level outputs) with a
-    frozen open_clip text tower. Not an nn.Module: the CLIP model is owned by the meta-arch."""
+    frozen open_clip text tower. Not an nn.Module: the CLIP model is owned by the meta-arch.
 
-    def __init__(self, clip_model: nn.Module, tokenizer: Callable, templates: str = "imagenet"):
+    `text_names` maps a dataset's class name to the words the prompts use (VOC "diningtable" ->
+    "dining table"); names not in it are used as they are.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable, templates: str = "imagenet",
+                 text_names: Optional[Mapping[str, str]] = None):
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"MODEL.CLIP.TEMPLATES '{templates}' is not one of {sorted(TEMPLATE_SETS)}")
         self.clip = clip_model
         self.tokenizer = tokenizer
         self.templates = TEMPLATE_SETS[templates]
+        self.text_names: Dict[str, str] = dict(text_names or {})
         self._cache: Dict[str, Tensor] = {}
 
     @property
@@ -43,7 +49,7 @@ class TextEncoder:
         """Prompt-ensembled embeddings (K x D): templates averaged, renormalised; cached per name."""
         missing = [n for n in dict.fromkeys(names) if n not in self._cache]
         if missing:
-            prompts = [t(n) for n in missing for t in self.templates]
+            prompts = [t(self.text_names.get(n, n)) for n in missing for t in self.templates]
             emb = self.encode_sentences(prompts).view(len(missing), len(self.templates), -1)
             for n, e in zip(missing, F.normalize(emb.mean(1), dim=-1)):
                 self._cache[n] = e.cpu()

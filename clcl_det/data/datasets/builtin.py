@@ -6,7 +6,7 @@ import os
 
 from ..catalog import DatasetCatalog, MetadataCatalog
 from .coco import load_coco_json
-from .voc import VOC_CLASSES, load_voc_instances
+from .voc import VOC_CLASSES, load_voc_instances, text_names
 
 __all__ = ["datasets_root", "COCO_CLASSES", "register_all_builtin"]
 
@@ -48,7 +48,7 @@ def register_all_builtin() -> None:
             name, lambda folder=folder, split=split: load_voc_instances(
                 os.path.join(datasets_root(), folder), split, VOC_CLASSES))
         MetadataCatalog.get(name).set(thing_classes=list(VOC_CLASSES), dirname=folder, split=split, year=year,
-                                      evaluator_type="pascal_voc")
+                                      evaluator_type="pascal_voc", text_names=text_names(VOC_CLASSES))
     for name, (images, ann) in _COCO.items():
         if name in DatasetCatalog:
             continue

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence
 
 from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
 
-__all__ = ["VOC_CLASSES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
+__all__ = ["VOC_CLASSES", "VOC_TEXT_NAMES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +17,19 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
+
+# What the CLIP text encoder reads for a VOC class: natural language ("diningtable" would
+# tokenise as din/ing/table). Dataset names, files and per-class tables keep the VOC spelling.
+VOC_TEXT_NAMES = {
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+}
+
+
+def text_names(class_names: Sequence[str]) -> Dict[str, str]:
+    """The `text_names` metadata of a dataset: class name -> words given to the text encoder."""
+    return {c: VOC_TEXT_NAMES.get(c, c) for c in class_names}
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -99,5 +112,6 @@ def register_pascal_voc(name: str, dirname: str, split: str, year: int,
     """Register a VOC-layout split under `name`."""
     DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
     MetadataCatalog.get(name).set(
-        thing_classes=list(class_names), dirname=dirname, year=year, split=split, evaluator_type="pascal_voc"
+        thing_classes=list(class_names), dirname=dirname, year=year, split=split, evaluator_type="pascal_voc",
+        text_names=text_names(class_names),
     )

@@ -21,6 +21,15 @@ from .build import META_ARCH_REGISTRY
 __all__ = ["FViT"]
 
 
+def _text_names(cfg: Any) -> Dict[str, str]:
+    """The training dataset's `text_names` metadata (class name -> words for the text encoder)."""
+    from ...data.catalog import MetadataCatalog
+
+    if not cfg.DATASETS.TRAIN:
+        return {}
+    return dict(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("text_names", None) or {})
+
+
 @META_ARCH_REGISTRY.register()
 class FViT(nn.Module):
     """The detector. Takes a list of mapped dicts (``image`` uint8 3xHxW, and in training ``boxes``
@@ -38,7 +47,7 @@ class FViT(nn.Module):
         clip, tokenizer = build_clip(cfg)
         object.__setattr__(self, "clip", clip)
         object.__setattr__(self, "teacher", None)
-        self.text = TextEncoder(clip, tokenizer, cfg.MODEL.CLIP.TEMPLATES)
+        self.text = TextEncoder(clip, tokenizer, cfg.MODEL.CLIP.TEMPLATES, text_names=_text_names(cfg))
         self.backbone = build_backbone(cfg, clip)
         self.proposal_generator = build_proposal_generator(cfg, self.backbone.out_channels, self.backbone.strides)
         self.roi_heads = build_roi_heads(cfg, self.backbone.out_channels, self.backbone.level_names,
