@@ -236,3 +236,37 @@ def test_voc_text_encoder_reads_natural_language_names():
     assert emb.shape == (2, 8)
     assert "art of the dining table." in seen and "art of the cat." in seen
     assert not any("diningtable" in s for s in seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes_val
+
+
+def test_shapes_val_own_seed_disjoint_from_train_and_test(tmp_path, monkeypatch):
+    from clcl_det.data.catalog import DatasetCatalog, MetadataCatalog
+    from clcl_det.data.datasets import shapes
+
+    monkeypatch.setenv("CLCL_DATASETS", str(tmp_path))
+    old = shapes.current_spec()
+    spec = shapes.ShapesSpec(num_train=6, num_test=4, seed=0, image_size=64, num_val=5, val_seed=7)
+    try:
+        shapes.configure_shapes(spec)
+        train, test, val = (DatasetCatalog.get(f"shapes_{s}") for s in ("train", "test", "val"))
+        assert len(val) == 5 and [d["image_id"] for d in val] == [f"val_{i:05d}" for i in range(5)]
+        assert MetadataCatalog.get("shapes_val").thing_classes == list(shapes.SHAPES_CLASSES)
+
+        def pixels(d):
+            with open(d["file_name"], "rb") as f:
+                return f.read()
+
+        val_bytes = {pixels(d) for d in val}
+        assert len(val_bytes) == 5 and not val_bytes & {pixels(d) for d in train + test}
+        # the val images are the ones its own seed draws (split code of a test split, seed 7)
+        image, _, objects = shapes.render_image(spec.val_spec(), "test", 2)
+        assert [a["category_id"] for a in val[2]["annotations"]] == [o.category_id for o in objects]
+        # the train/test folder (and so the tiny CLIP's cache key) does not depend on the val keys
+        assert spec.to_dict() == shapes.ShapesSpec(num_train=6, num_test=4, seed=0, image_size=64).to_dict()
+        with pytest.raises(ValueError, match="VAL_SEED"):
+            shapes.ShapesSpec(seed=3, val_seed=3).val_spec()
+    finally:
+        shapes.configure_shapes(old)

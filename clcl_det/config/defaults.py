@@ -25,6 +25,8 @@ _C.DATASETS.SHAPES.NUM_TRAIN = 2000  # training images generated
 _C.DATASETS.SHAPES.NUM_TEST = 500  # test images generated
 _C.DATASETS.SHAPES.SEED = 0  # generator seed (the dataset is a pure function of seed and counts)
 _C.DATASETS.SHAPES.IMAGE_SIZE = 128  # side of the square generated images, pixels
+_C.DATASETS.SHAPES.NUM_VAL = 500  # validation images (shapes_val: tuned values are chosen on it, never on shapes_test)
+_C.DATASETS.SHAPES.VAL_SEED = 1000  # generator seed of shapes_val (must differ from SEED: its images are disjoint from train/test)
 
 # ---------------------------------------------------------------------------------------------
 _C.CONTINUAL = CN()

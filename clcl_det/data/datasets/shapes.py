@@ -14,6 +14,10 @@ Layout under `shapes_root(spec)`::
     ImageSets/Main/{train,test}.txt
     spec.json                    written last: marks the folder complete
 
+`shapes_val` (validation, for choosing tuned values) is generated from its own seed `val_seed`
+(which must differ from `seed`) as the test split of `spec.val_spec()`, in that spec's folder:
+its images are disjoint from train and test; its image ids read "val_<i>".
+
 Every object is labelled with its class; the continual splitter hides old/future classes.
 """
 from __future__ import annotations
@@ -94,17 +98,30 @@ class ShapesSpec:
     num_test: int = 500
     seed: int = 0
     image_size: int = 128
+    num_val: int = 500  # shapes_val: not part of the train/test folder's identity (`to_dict`)
+    val_seed: int = 1000
 
     def __post_init__(self) -> None:
-        if self.num_train < 0 or self.num_test < 0:
-            raise ValueError(f"DATASETS.SHAPES: image counts must be >= 0 (got {self.num_train}, {self.num_test})")
+        if self.num_train < 0 or self.num_test < 0 or self.num_val < 0:
+            raise ValueError(f"DATASETS.SHAPES: image counts must be >= 0 (got {self.num_train}, {self.num_test}, "
+                             f"{self.num_val})")
+
         if self.image_size < 32:
             raise ValueError(f"DATASETS.SHAPES.IMAGE_SIZE must be >= 32 (got {self.image_size})")
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ShapesSpec":
         s = cfg.DATASETS.SHAPES
-        return cls(num_train=int(s.NUM_TRAIN), num_test=int(s.NUM_TEST), seed=int(s.SEED), image_size=int(s.IMAGE_SIZE))
+        return cls(num_train=int(s.NUM_TRAIN), num_test=int(s.NUM_TEST), seed=int(s.SEED), image_size=int(s.IMAGE_SIZE),
+                   num_val=int(s.NUM_VAL), val_seed=int(s.VAL_SEED))
+
+    def val_spec(self) -> "ShapesSpec":
+        """The spec whose test split is shapes_val: `num_val` images from `val_seed`."""
+        if self.val_seed == self.seed:
+            raise ValueError(f"DATASETS.SHAPES.VAL_SEED ({self.val_seed}) must differ from DATASETS.SHAPES.SEED: "
+                             f"shapes_val would repeat shapes_test")
+        return ShapesSpec(num_train=0, num_test=self.num_val, seed=self.val_seed, image_size=self.image_size,
+                          val_seed=self.seed)
 
     def num_images(self, split: str) -> int:
         if split not in _SPLIT_CODES:
@@ -112,7 +129,8 @@ class ShapesSpec:
         return self.num_train if split == "train" else self.num_test
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**dataclasses.asdict(self), "format_version": _FORMAT_VERSION, "classes": list(SHAPES_CLASSES)}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("num_val", "val_seed")}
+        return {**d, "format_version": _FORMAT_VERSION, "classes": list(SHAPES_CLASSES)}
 
 
 @dataclass(frozen=True)
@@ -327,7 +345,7 @@ def _write_split(spec: ShapesSpec, split: str, root: str, progress: Any) -> None
 def shapes_root(spec: ShapesSpec) -> str:
     """$CLCL_DATASETS/shapes for the default spec, else $CLCL_DATASETS/shapes_s{seed}_n{train}-{test}_{size}."""
     base = os.environ.get("CLCL_DATASETS", "./datasets")
-    if spec == ShapesSpec():
+    if spec.to_dict() == ShapesSpec().to_dict():
         return os.path.join(base, "shapes")
     return os.path.join(base, f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}")
 
@@ -415,17 +433,24 @@ def _set_metadata() -> None:
             thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
             dirname=shapes_root(_CURRENT_SPEC), split=split,
         )
+    if _CURRENT_SPEC.val_seed != _CURRENT_SPEC.seed:  # else loading shapes_val says why it cannot
+        MetadataCatalog.get("shapes_val").set(thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
+                                              dirname=shapes_root(_CURRENT_SPEC.val_spec()), split="test")
 
 
 def _load(split: str) -> List[Dict[str, Any]]:
+    if split == "val":
+        dicts = load_voc_instances(ensure_shapes(_CURRENT_SPEC.val_spec()), "test", SHAPES_CLASSES)
+        _set_metadata()
+        return [{**d, "image_id": "val" + str(d["image_id"])[len("test"):]} for d in dicts]
     root = ensure_shapes(_CURRENT_SPEC)
     _set_metadata()  # $CLCL_DATASETS may have changed since registration
     return load_voc_instances(root, split, SHAPES_CLASSES)
 
 
 def register_shapes() -> None:
-    """Register `shapes_train` and `shapes_test` (idempotent)."""
-    for split in _SPLIT_CODES:
+    """Register `shapes_train`, `shapes_test` and `shapes_val` (idempotent)."""
+    for split in list(_SPLIT_CODES) + ["val"]:
         name = f"shapes_{split}"
         if name not in DatasetCatalog:
             DatasetCatalog.register(name, lambda split=split: _load(split))
