@@ -17,6 +17,7 @@ from typing import Dict, List
 
 import torch
 
+from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
 from clcl_det.engine import setup_cfg
 from clcl_det.modeling import build_model
@@ -36,7 +37,7 @@ def _model(config: str, opts: List[str], num_classes: int):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     names = tuple(f"class {i}" for i in range(num_classes))
-    model.begin_task(Task(0, 0, num_classes, names, names))
+    begin_task(model, Task(0, 0, num_classes, names, names))
     return model
 
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
 from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, render_image
 from clcl_det.engine import setup_cfg
@@ -44,7 +45,7 @@ def build(cfg_file: str, opts: List[str], head: str):
     cfg = setup_cfg(cfg_file, ["MODEL.CLIP.PRETRAINED", "", *opts, "MODEL.CLS_HEAD.NAME", head])
     torch.manual_seed(max(cfg.SEED, 0))
     model = build_model(cfg)
-    model.begin_task(Task(0, 0, len(SHAPES_CLASSES), SHAPES_CLASSES, SHAPES_CLASSES))
+    begin_task(model, Task(0, 0, len(SHAPES_CLASSES), SHAPES_CLASSES, SHAPES_CLASSES))
     model.train()
     return cfg, model, build_optimizer(cfg, model)
 
