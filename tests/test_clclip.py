@@ -27,7 +27,7 @@ NAMES = tuple(f"class {i}" for i in range(20))
 def clclip_cfg(out="", **kw):
     cfg = tiny_cfg(out, **kw)
     cfg.merge_from_list(["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads",
-                         "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']", "MODEL.MULTI_EXPERT.EXPERT_DIM", "4"])
+                         "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']", "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"])
     return cfg
 
 
@@ -172,7 +172,7 @@ def test_chunked_expert_inference_equals_one_pass(topk, monkeypatch):
     import clcl_det.modeling.roi_heads.multi_expert as me
 
     torch.manual_seed(0)
-    cfg = clclip_cfg(**{"MODEL.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64})
+    cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64})
     model = build_model(cfg).eval()
     begin_task(model, Task(0, 0, 6, NAMES[:6], NAMES[:6]))
     images = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}

@@ -3,7 +3,7 @@
 
     python tools/benchmark.py clclip               # CL-CLIP / F-ViT inference, ViT-B-16 at 640 px, 20 and 80 classes
     python tools/benchmark.py clclip --size 320 --classes 20
-    python tools/benchmark.py clclip MODEL.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
+    python tools/benchmark.py clclip MODEL.CLCLIP.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
 
 F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
 VOC, 80: COCO), both with random ViT-B-16 weights on the same random images.

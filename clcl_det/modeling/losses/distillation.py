@@ -87,7 +87,7 @@ class FasterILODDistill(ContinualLoss):
 
 @CONTINUAL_LOSS_REGISTRY.register()
 class UnbiasedDistill(ContinualLoss):
-    """RPN distillation + unbiased RoI logit distillation (MODEL.UNBIASED_DISTILL): the previous
+    """RPN distillation + unbiased RoI logit distillation (MODEL.CLCLIP.UNBIASED_DISTILL): the previous
     model's old-class/background distribution is kept on every sampled RoI without teaching new
     objects as background."""
 
@@ -100,7 +100,7 @@ class UnbiasedDistill(ContinualLoss):
 
     @classmethod
     def from_config(cls, cfg: Any) -> Dict[str, Any]:
-        d = cfg.MODEL.UNBIASED_DISTILL
+        d = cfg.MODEL.CLCLIP.UNBIASED_DISTILL
         return {"rpn_weight": d.RPN_WEIGHT, "roi_weight": d.ROI_WEIGHT, "temperature": d.TEMPERATURE}
 
     def forward(self, model: nn.Module, outputs: LossInputs, batched_inputs: List[Dict[str, Any]],
