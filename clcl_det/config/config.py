@@ -10,11 +10,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from .errors import UserError
+
 __all__ = ["CfgNode", "ConfigError", "get_cfg", "configurable", "resolve_config_path", "register_config",
            "config_adders"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and the file."""
 
 

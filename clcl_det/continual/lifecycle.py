@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ..data.continual import Task
+from ..utils.errors import UserError
 from ..modeling.continual_module import HOOKS, ContinualModule, LifeCycleOptOut
 
 __all__ = ["continual_modules", "begin_task", "end_task", "task_data", "needs_teacher", "LifeCycleError"]
 
 
-class LifeCycleError(TypeError):
+class LifeCycleError(UserError, TypeError):
     """A module defines life-cycle hooks without declaring the contract."""
 
 

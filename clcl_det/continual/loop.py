@@ -27,6 +27,7 @@ from ..data.datasets import configure_datasets
 from ..engine.defaults import seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
+from ..utils.errors import UserError
 from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
 from ..engine.evaluate import evaluate_stage, write_summary
 from . import lifecycle
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 _IDENTITY_NODES = ("MODEL", "CONTINUAL", "DATASETS", "INPUT", "SEED")
 
 
-class RunStateError(RuntimeError):
+class RunStateError(UserError, RuntimeError):
     """OUTPUT_DIR holds something that does not belong to this run."""
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from torch import nn
 
+from ..utils.errors import UserError
+
 if TYPE_CHECKING:  # data is a lower layer; imported for the annotations only
     from ..data.continual import Task
 
@@ -35,7 +37,7 @@ _HOOK_ARGS = {"on_task_start": ("task", "model"), "on_task_end": ("task", "model
 _CONTRACT_NAMES = HOOKS + ("needs_teacher",)
 
 
-class HookNameError(TypeError):
+class HookNameError(UserError, TypeError):
     """A class defines something that looks like a life-cycle hook but is not one."""
 
 

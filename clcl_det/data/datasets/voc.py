@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Sequence
 
 from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
+from ...utils.errors import UserError
 
 __all__ = ["VOC_CLASSES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
 
@@ -19,7 +20,7 @@ VOC_CLASSES = (
 )
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(UserError, FileNotFoundError):
     """A dataset directory or index file is not where the catalog expects it."""
 
 

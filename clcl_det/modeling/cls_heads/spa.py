@@ -175,7 +175,8 @@ class SPAHead(TextClassifier):
     @classmethod
     def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
         s = cfg.MODEL.SPA
-        return {**super().from_config(cfg, embed_dim), "descriptions": load_class_descriptions(cfg),
+        descriptions = load_class_descriptions(s.DESCRIPTIONS, cfg.DATASETS.TRAIN)
+        return {**super().from_config(cfg, embed_dim), "descriptions": descriptions,
                 "fallback_template": s.FALLBACK_TEMPLATE, "num_patches": s.NUM_PATCHES,
                 "patch_resolution": s.POOLER_RESOLUTION, "epsilon": s.EPSILON, "ot_weight": s.OT_WEIGHT,
                 "ot_method": s.OT_METHOD, "ot_max_iter": s.OT_MAX_ITER, "ot_tol": s.OT_TOL, "topk": s.TOPK,
