@@ -28,6 +28,7 @@ from ..engine.defaults import seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
 from ..utils.errors import UserError
+from ..utils.seed import derive_seed
 from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
 from ..engine.evaluate import evaluate_stage, write_summary
 from . import lifecycle
@@ -189,7 +190,7 @@ class ContinualRunner:
     def _begin_task(self, t: int) -> None:
         """Grow the model for task t; what it creates is seeded by (SEED, t) alone, so a resumed
         run creates the very parameters an uninterrupted one did."""
-        seed_all_rng((max(self.cfg.SEED, 0) * 1000 + t + 1) % 2**31)
+        seed_all_rng(derive_seed(self.cfg.SEED, t + 1))
         lifecycle.begin_task(self.model, self.split.task(t))
 
     def _replay_structure(self, upto: int) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, configurable
 from ...utils.registry import lookup
+from ...utils.seed import derive_seed
 from ..context import HeadContext
 from ..roi_statistics import all_reduce_sum, ground_truth_embeddings
 from .build import CLS_HEAD_REGISTRY, ClsHead
@@ -71,7 +72,7 @@ class GaussianReplay(ClsHead):
             raise ConfigError("MODEL.REPLAY.INNER_HEAD cannot be GaussianReplay itself (e.g. TextClassifier, SPAHead)")
         inner = lookup(CLS_HEAD_REGISTRY, r.INNER_HEAD, "MODEL.REPLAY.INNER_HEAD")(cfg, embed_dim)
         return {"inner": inner, "embed_dim": embed_dim, "cov": r.COV, "shrinkage": r.SHRINKAGE,
-                "samples_per_class": r.SAMPLES_PER_CLASS, "weight": r.WEIGHT, "seed": cfg.SEED}
+                "samples_per_class": r.SAMPLES_PER_CLASS, "weight": r.WEIGHT, "seed": derive_seed(cfg.SEED)}
 
     # -- statistics -----------------------------------------------------------------------------
     @property
