@@ -1,4 +1,4 @@
-"""Classification heads of METHOD.md section 4 and SG-AKT: batched OT against POT's single-problem
+"""Classification heads of docs/methods.md and SG-AKT: batched OT against POT's single-problem
 solver, SPA scores against a per-pair computation, frozen task projectors, Gaussian statistics
 (moments, sampling, save/load, the engine's checkpoint), SE-VPR refinement, SG-AKT snapshots and
 weighting, description files, and a head registered from outside the package."""

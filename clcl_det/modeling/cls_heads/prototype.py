@@ -1,5 +1,5 @@
 """SE-VPR (SECA): visual class prototypes refined by the text embeddings' inter-class relations, mixed
-with the text classifier (METHOD.md section 4)."""
+with the text classifier (docs/methods.md, SemanticPrototypeHead)."""
 from __future__ import annotations
 
 import math

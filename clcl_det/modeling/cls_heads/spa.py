@@ -1,6 +1,6 @@
 """SPA (semantic-guided patch alignment): the text classifier plus an optimal-transport score between
 a RoI's description-selected dense CLIP patches and the class descriptions' semantic tokens, and
-task-specific projectors on the RoI embedding (METHOD.md section 4)."""
+task-specific projectors on the RoI embedding (docs/methods.md, SPAHead)."""
 from __future__ import annotations
 
 import logging

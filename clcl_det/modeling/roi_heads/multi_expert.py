@@ -96,7 +96,7 @@ class ExpertBank(nn.Module):
 
 @ROI_HEADS_REGISTRY.register()
 class MultiExpertRoIHeads(FViTRoIHeads):
-    """F-ViT RoI head + cost-volume category decoupling + per-class experts (METHOD.md section 2).
+    """F-ViT RoI head + cost-volume category decoupling + per-class experts (docs/methods.md, CL-CLIP).
 
     Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
     f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]); the background logit, box
