@@ -15,7 +15,7 @@ _C = CN()
 _C.VERSION = 1  # config format version
 
 _C.OUTPUT_DIR = "./output/default"  # where task_<t>/ folders, logs and the summary go
-_C.SEED = 0  # global seed; data order, augmentation and sampling derive from it (negative = random)
+_C.SEED = 0  # global seed; every random stream derives from it (utils/seed.py); negative = one random seed, logged
 _C.DETERMINISTIC = False  # torch.use_deterministic_algorithms + single-threaded data order (bit-identical CPU runs)
 _C.PLUGINS = []  # python modules or .py files imported (in every worker) before building: user registrations
 
