@@ -59,7 +59,8 @@ def _walk_and_check(default: "CfgNode", loaded: dict, prefix: str, root: "CfgNod
             hint = _closest_key(root, full)
             raise ConfigError(
                 f"Unknown config key '{full}'{where}"
-                + (f"; did you mean '{hint}'?" if hint else "; see clcl_det/config/defaults.py and the methods' add_*_config functions")
+                + (f"; did you mean '{hint}'?" if hint
+                   else "; see clcl_det/config/defaults.py and the methods' add_*_config functions")
             )
         d = default[k]
         if isinstance(d, _FvCfgNode):

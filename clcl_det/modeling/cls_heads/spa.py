@@ -214,7 +214,7 @@ class SPAHead(TextClassifier):
         if names not in self._banks:
             if self._text is None:
                 raise RuntimeError("SPAHead has no text encoder: it gets the model's in on_task_start "
-                                   "(model.begin_task) or from set_text_encoder()")
+                                   "(clcl_det.continual.begin_task) or from set_text_encoder()")
             self._banks[names] = build_description_bank(self._text.obj, names, self.descriptions,
                                                         self.fallback_template)
             while len(self._banks) > 4:

@@ -13,7 +13,7 @@ from ..context import HeadContext
 from ..continual_module import ContinualModule
 
 __all__ = ["CONTINUAL_LOSS_REGISTRY", "ContinualLoss", "build_continual_losses", "LossInputs", "Teacher",
-           "TeacherOutputs", "teacher_pyramid"]
+           "TeacherOutputs"]
 
 CONTINUAL_LOSS_REGISTRY = Registry("CONTINUAL_LOSS")
 CONTINUAL_LOSS_REGISTRY.__doc__ = """Continual losses: (cfg) -> ContinualLoss."""
@@ -110,8 +110,3 @@ def build_continual_losses(cfg: Any) -> nn.ModuleList:
     return nn.ModuleList(
         lookup(CONTINUAL_LOSS_REGISTRY, n, "MODEL.CONTINUAL_LOSSES")(cfg) for n in cfg.MODEL.CONTINUAL_LOSSES
     )
-
-
-def teacher_pyramid(teacher: TeacherOutputs, outputs: LossInputs) -> Dict[str, Tensor]:
-    """The teacher's FPN levels on the batch (kept for callers of earlier versions)."""
-    return teacher.features()
