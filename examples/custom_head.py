@@ -27,24 +27,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clcl_det.config import CfgNode, configurable
+from clcl_det.config.tiny_run import tiny_run_overrides
 from clcl_det.modeling import CLS_HEAD_REGISTRY, HeadContext
 from clcl_det.modeling.cls_heads.text_classifier import TextClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# A tiny, fast setup: random tiny CLIP, 24/12 Shapes images, small heads, a few iterations.
-TINY = [
-    "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple",
-    "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.NUM_CONV", "1", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
-    "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_PERIOD", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.IMS_PER_BATCH", "4",
-    "CONTINUAL.TRAIN_TASKS", "1", "TEST.ZERO_SHOT", "False",
-    "MODEL.CLS_HEAD.NAME", "MarginTextClassifier",
-]
+# A tiny, fast setup (the tests' tiny run): random tiny CLIP, 24/12 Shapes images, small heads,
+# a few iterations, the first task only.
+TINY = tiny_run_overrides({
+    "SOLVER.MAX_ITER": 6, "SOLVER.CHECKPOINT_PERIOD": 1000, "CONTINUAL.TRAIN_TASKS": 1, "TEST.ZERO_SHOT": False,
+    "MODEL.CLS_HEAD.NAME": "MarginTextClassifier",
+})
 
 
 def add_config(cfg: CfgNode) -> None:

@@ -25,20 +25,10 @@ def shapes_root(tmp_path_factory):
 def tiny_cfg(output_dir: str = "", **overrides):
     """get_cfg() shrunk for fast CPU tests: random tiny CLIP, small Shapes spec, few iterations."""
     from clcl_det.config import get_cfg
+    from clcl_det.config.tiny_run import tiny_run_overrides
 
     cfg = get_cfg()
-    cfg.merge_from_list([
-        "MODEL.CLIP.PRETRAINED", "",
-        "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12",
-        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.NUM_CONV", "1",
-        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-        "MODEL.CLIP.TEMPLATES", "simple",
-        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.LOG_PERIOD", "2", "TEST.IMS_PER_BATCH", "4",
-        "OUTPUT_DIR", output_dir or "./output/test",
-    ])
+    cfg.merge_from_list(tiny_run_overrides({"OUTPUT_DIR": output_dir or "./output/test"}))
     for k, v in overrides.items():
         cfg.merge_from_list([k, str(v)])
     return cfg

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clcl_det.continual import ContinualRunner
+from clcl_det.continual import ContinualRunner, begin_task, end_task
 from clcl_det.data.continual import Task
 from clcl_det.engine import default_setup
 from clcl_det.modeling import build_model
 from clcl_det.modeling.cost_volume import category_prior, cost_volume
+from clcl_det.modeling.losses.build import LossInputs, TeacherOutputs
 from clcl_det.modeling.losses.drift import FPNDrift
 from clcl_det.modeling.losses.orthogonality import orthogonality_loss
 from clcl_det.modeling.roi_heads.multi_expert import ExpertBank
@@ -26,7 +27,7 @@ NAMES = tuple(f"class {i}" for i in range(20))
 def clclip_cfg(out="", **kw):
     cfg = tiny_cfg(out, **kw)
     cfg.merge_from_list(["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads",
-                         "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']", "MODEL.MULTI_EXPERT.EXPERT_DIM", "4"])
+                         "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']", "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"])
     return cfg
 
 
@@ -99,7 +100,7 @@ def _batch(n=2):
 def test_drift_zero_for_identical_teacher_and_grows_with_perturbation():
     torch.manual_seed(0)
     model = build_model(clclip_cfg())
-    model.begin_task(Task(0, 0, 10, NAMES[:10], NAMES))
+    begin_task(model, Task(0, 0, 10, NAMES[:10], NAMES))
     model.train()
     teacher = copy.deepcopy(model).eval()
     assert teacher.clip is model.clip, "teachers share the frozen CLIP"
@@ -110,8 +111,9 @@ def test_drift_zero_for_identical_teacher_and_grows_with_perturbation():
             for p_s, p_t in zip(model.backbone.parameters(), teacher.backbone.parameters()):
                 p_s.copy_(p_t + eps * torch.randn_like(p_t))
         images = model.preprocess(_batch())
-        outputs = {"backbone": model.backbone(images.tensors)}
-        values[eps] = {m: float(d(model, dict(outputs), [], teacher)["loss_drift"]) for m, d in drift.items()}
+        outputs = LossInputs(backbone=model.backbone(images.tensors), ctx=None, rpn={}, roi={})
+        values[eps] = {m: float(d(model, outputs, [], TeacherOutputs(teacher, outputs))["loss_drift"])
+                       for m, d in drift.items()}
     for m in drift:
         assert values[0.0][m] == 0.0
         assert 0.0 < values[1e-3][m] < values[1e-2][m]
@@ -170,9 +172,9 @@ def test_chunked_expert_inference_equals_one_pass(topk, monkeypatch):
     import clcl_det.modeling.roi_heads.multi_expert as me
 
     torch.manual_seed(0)
-    cfg = clclip_cfg(**{"MODEL.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64})
+    cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64})
     model = build_model(cfg).eval()
-    model.begin_task(Task(0, 0, 6, NAMES[:6], NAMES[:6]))
+    begin_task(model, Task(0, 0, 6, NAMES[:6], NAMES[:6]))
     images = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}
               for _ in range(2)]
     with torch.no_grad():
@@ -215,12 +217,12 @@ def test_unbiased_background_reaches_the_loss_only_after_task_1():
     head.losses = lambda logits, labels, x, ctx: (seen.append(ctx.background_absorbs), orig(logits, labels, x, ctx))[1]
     g = torch.Generator().manual_seed(0)
     for t, task in enumerate([Task(0, 0, 10, NAMES[:10], NAMES), Task(1, 10, 20, NAMES, NAMES)]):
-        model.begin_task(task)
+        begin_task(model, task)
         model.train()
         batch = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
                   "boxes": torch.tensor([[4.0, 5.0, 30.0, 25.0]]), "classes": torch.tensor([task.start]), "seed": t}]
         model(batch)
-        model.end_task(task)
+        end_task(model, task)
     assert seen == [0, 10]
 
 

@@ -1,4 +1,4 @@
-"""Classification heads of METHOD.md section 4 and SG-AKT: batched OT against POT's single-problem
+"""Classification heads of docs/methods.md and SG-AKT: batched OT against POT's single-problem
 solver, SPA scores against a per-pair computation, frozen task projectors, Gaussian statistics
 (moments, sampling, save/load, the engine's checkpoint), SE-VPR refinement, SG-AKT snapshots and
 weighting, description files, and a head registered from outside the package."""
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from clcl_det.continual import ContinualRunner
+from clcl_det.continual import ContinualRunner, begin_task, continual_modules, end_task
 from clcl_det.data import descriptions as desc
 from clcl_det.data.catalog import MetadataCatalog
 from clcl_det.data.continual import Task
@@ -113,7 +113,7 @@ def test_ot_method_choice():
 
 def test_spa_logits_match_a_per_pair_computation():
     cfg, model = _model("MODEL.CLS_HEAD.NAME", "SPAHead", "MODEL.SPA.TOPK", "3")
-    model.begin_task(TASK0)
+    begin_task(model, TASK0)
     head = model.roi_heads.cls_head
     g = torch.Generator().manual_seed(1)
     D = model.backbone.embed_dim
@@ -150,17 +150,17 @@ def test_spa_logits_match_a_per_pair_computation():
 def test_old_projector_bit_identical_after_next_task():
     cfg, model = _model("MODEL.CLS_HEAD.NAME", "SPAHead", "MODEL.SPA.TOPK", "2")
     head = model.roi_heads.cls_head
-    model.begin_task(TASK0)
+    begin_task(model, TASK0)
     assert len(head.projectors) == 1 and head.projectors[0].weight.requires_grad
     assert float(head.projectors[0].weight.detach().abs().sum()) == 0.0  # zero: starts as the plain classifier
     assert copy.deepcopy(head)._text.obj is model.text  # copies (snapshots) share the frozen CLIP text tower
     _train(model, cfg, TASK0, 1)
-    model.end_task(TASK0)
+    end_task(model, TASK0)
     p0 = {k: v.clone() for k, v in head.projectors[0].state_dict().items()}
     assert float(p0["weight"].abs().sum()) > 0, "task 1's projector did not train"
     x = torch.randn(5, model.backbone.embed_dim)
     z_before = head.project(x).detach()
-    model.begin_task(TASK1)
+    begin_task(model, TASK1)
     assert len(head.projectors) == 2
     assert not head.projectors[0].weight.requires_grad and head.projectors[1].weight.requires_grad
     assert torch.equal(head.project(x).detach(), z_before)  # a new task starts where the last one ended
@@ -259,7 +259,7 @@ def test_replay_statistics_through_the_engine_checkpoint(shapes_root, tmp_path):
         assert torch.equal(v, other.state_dict()[k]), k
     # task 2 replays the old classes; the draw is a function of (seed, task, iteration)
     model = second.model
-    model.begin_task(second.split.task(1))
+    begin_task(model, second.split.task(1))
     model.train()
     batch = _batch(TASK1)
     first_loss = model(batch)["loss_replay"].detach()
@@ -369,19 +369,21 @@ def test_sgakt_relevance_weights_and_per_class_renormalisation():
 def test_sgakt_snapshot_frozen_replayed_and_distilled():
     cfg, model = _model("MODEL.CONTINUAL_LOSSES", "['SGAKTDistill']")
     loss = model.continual_losses[0]
-    model.begin_task(TASK0)
+    begin_task(model, TASK0)
     assert len(loss.snapshots) == 0
     _train(model, cfg, TASK0, 1)
-    model.end_task(TASK0)
-    model.begin_task(TASK1)
-    model.begin_task(TASK1)  # idempotent
+    end_task(model, TASK0)
+    begin_task(model, TASK1)
+    begin_task(model, TASK1)  # idempotent
     assert len(loss.snapshots) == 1 and loss.ranges == [(0, 10)]
     snap = loss.snapshots[0]
     state = {k: v.clone() for k, v in snap.state_dict().items()}
     for k, v in model.roi_heads.state_dict().items():
         assert torch.equal(v, state[k])
     assert not any(p.requires_grad for p in snap.parameters())
-    assert all(getattr(m, "on_task_start", None) is None for m in snap.modules())
+    in_life_cycle = {id(m) for m in continual_modules(model)}
+    assert model.roi_heads.cls_head is not None and id(model.roi_heads) in in_life_cycle
+    assert not any(id(m) in in_life_cycle for m in snap.modules()), "snapshots opt out of the life cycle"
     captured = {}
     forward = loss.forward
 
@@ -411,9 +413,9 @@ def test_sgakt_snapshot_frozen_replayed_and_distilled():
     torch.testing.assert_close(captured["loss"]["loss_sgakt"], expected, rtol=1e-3, atol=1e-6)
     # a resumed run rebuilds the snapshot by replaying the tasks, then loads the weights
     _, fresh = _model("MODEL.CONTINUAL_LOSSES", "['SGAKTDistill']")
-    fresh.begin_task(TASK0)
-    fresh.end_task(TASK0)
-    fresh.begin_task(TASK1)
+    begin_task(fresh, TASK0)
+    end_task(fresh, TASK0)
+    begin_task(fresh, TASK1)
     fresh.load_state_dict(model.state_dict(), strict=True)
     for k, v in fresh.continual_losses[0].snapshots[0].state_dict().items():
         assert torch.equal(v, state[k])

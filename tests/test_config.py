@@ -1,19 +1,40 @@
 """Config: defaults, _BASE_, overrides, and one-line errors for unknown keys and wrong types."""
 import glob
+import inspect
 import os
 
 import pytest
 
-from clcl_det.config import ConfigError, get_cfg, resolve_config_path
+from clcl_det.config import ConfigError, config_adders, get_cfg, resolve_config_path
 from clcl_det.engine import default_argument_parser, setup_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_default_key_has_a_comment():
-    src = open(os.path.join(REPO, "clcl_det", "config", "defaults.py")).read().splitlines()
-    bare = [line for line in src if line.startswith("_C.") and " = " in line and "CN()" not in line and "#" not in line]
-    assert not bare, f"keys without a comment: {bare}"
+    files = {os.path.join(REPO, "clcl_det", "config", "defaults.py")}
+    files |= {inspect.getsourcefile(add) for add in config_adders()}  # the methods' own keys
+    assert len(files) >= 4, files
+    for path in files:
+        src = open(path).read().splitlines()
+        bare = [line for line in src if line.strip().startswith("_C.") and " = " in line and "CN()" not in line
+                and "#" not in line]
+        assert not bare, f"keys without a comment in {path}: {bare}"
+
+
+def test_method_keys_live_with_their_method_and_renamed_keys_point_to_their_new_place():
+    core = open(os.path.join(REPO, "clcl_det", "config", "defaults.py")).read()
+    for node in ("CLCLIP", "COST_VOLUME", "MULTI_EXPERT", "UNBIASED_DISTILL", "DISTILL", "SPA", "REPLAY", "SEVPR",
+                 "SGAKT"):
+        assert f"_C.MODEL.{node} " not in core, f"MODEL.{node} is a method's key: declare it next to its code"
+    cfg = get_cfg()
+    assert cfg.MODEL.CLCLIP.MULTI_EXPERT.TOPK == 0 and cfg.MODEL.CLCLIP.COST_VOLUME.ENABLED is True
+    assert cfg.MODEL.CLCLIP.UNBIASED_DISTILL.ROI_WEIGHT == 0.5 and cfg.MODEL.SGAKT.TEMPERATURE == 20.0
+    for old, new in [("MODEL.MULTI_EXPERT.TOPK", "MODEL.CLCLIP.MULTI_EXPERT.TOPK"),
+                     ("MODEL.COST_VOLUME.ENABLED", "MODEL.CLCLIP.COST_VOLUME.ENABLED"),
+                     ("MODEL.UNBIASED_DISTILL.ROI_WEIGHT", "MODEL.CLCLIP.UNBIASED_DISTILL.ROI_WEIGHT")]:
+        with pytest.raises(ConfigError, match=f"'{old}'.*did you mean '{new}'"):
+            get_cfg().merge_from_list([old, "1"])
 
 
 def test_unknown_key_names_closest(tmp_path):

@@ -48,7 +48,7 @@ def _worker(opts, out_file):
 @pytest.mark.parametrize("method", ["fvit", "clclip"])
 def test_two_processes_agree_with_one(method, shapes_root, tmp_path):
     opts = [] if method == "fvit" else ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads", "MODEL.CONTINUAL_LOSSES",
-                                        "['FPNDrift', 'Orthogonality']", "MODEL.MULTI_EXPERT.EXPERT_DIM", "4"]
+                                        "['FPNDrift', 'Orthogonality']", "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"]
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     launch(_worker, 1, args=(opts, one))
     launch(_worker, 2, args=(opts, two))

@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
 from clcl_det.engine import setup_cfg
 from clcl_det.modeling import build_model
@@ -63,7 +64,7 @@ def test_positional_embedding_resized_for_other_sizes():
 def _train_step(cfg, size):
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.begin_task(_task())
+    begin_task(model, _task())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     clip_ids = {id(p) for p in model.clip.parameters()}
@@ -110,7 +111,7 @@ def test_train_step_vit_b16():
 
 def test_vocabulary_and_zero_shot_context():
     model = build_model(tiny_cfg())
-    model.begin_task(_task(k=2))
+    begin_task(model, _task(k=2))
     assert model.class_embeddings.shape == (2, model.backbone.embed_dim)
     with model.vocabulary(NAMES):
         assert model.class_embeddings.shape[0] == 4
@@ -138,7 +139,7 @@ def test_real_configs_build_and_detect(config):
     model = build_model(cfg).eval()
     k = 80 if config.startswith("COCO") else 20
     names = tuple(f"class {i}" for i in range(k))
-    model.begin_task(Task(0, 0, k, names, names))
+    begin_task(model, Task(0, 0, k, names, names))
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
     assert set(out[0]) >= {"boxes", "scores", "labels"} and model.backbone.embed_dim == 512

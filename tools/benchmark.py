@@ -3,7 +3,7 @@
 
     python tools/benchmark.py clclip               # CL-CLIP / F-ViT inference, ViT-B-16 at 640 px, 20 and 80 classes
     python tools/benchmark.py clclip --size 320 --classes 20
-    python tools/benchmark.py clclip MODEL.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
+    python tools/benchmark.py clclip MODEL.CLCLIP.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
 
 F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
 VOC, 80: COCO), both with random ViT-B-16 weights on the same random images.
@@ -17,6 +17,7 @@ from typing import Dict, List
 
 import torch
 
+from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
 from clcl_det.engine import setup_cfg
 from clcl_det.modeling import build_model
@@ -36,7 +37,7 @@ def _model(config: str, opts: List[str], num_classes: int):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     names = tuple(f"class {i}" for i in range(num_classes))
-    model.begin_task(Task(0, 0, num_classes, names, names))
+    begin_task(model, Task(0, 0, num_classes, names, names))
     return model
 
 

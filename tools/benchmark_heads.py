@@ -20,11 +20,13 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
 from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, render_image
 from clcl_det.engine import setup_cfg
 from clcl_det.engine.trainer import build_optimizer
 from clcl_det.modeling import build_model
+from clcl_det.utils.seed import derive_seed
 
 
 def shapes_batch(n: int, size: int, seed: int) -> List[Dict[str, Any]]:
@@ -42,9 +44,9 @@ def shapes_batch(n: int, size: int, seed: int) -> List[Dict[str, Any]]:
 
 def build(cfg_file: str, opts: List[str], head: str):
     cfg = setup_cfg(cfg_file, ["MODEL.CLIP.PRETRAINED", "", *opts, "MODEL.CLS_HEAD.NAME", head])
-    torch.manual_seed(max(cfg.SEED, 0))
+    torch.manual_seed(derive_seed(cfg.SEED))
     model = build_model(cfg)
-    model.begin_task(Task(0, 0, len(SHAPES_CLASSES), SHAPES_CLASSES, SHAPES_CLASSES))
+    begin_task(model, Task(0, 0, len(SHAPES_CLASSES), SHAPES_CLASSES, SHAPES_CLASSES))
     model.train()
     return cfg, model, build_optimizer(cfg, model)
 

@@ -26,17 +26,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+from clcl_det.config.tiny_run import tiny_run_overrides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the tiny setup of tests/conftest.py (random CLIP weights, small sizes, 2 checkpoints per task)
-TINY = [
-    "MODEL.CLIP.PRETRAINED", "", "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.NUM_CONV", "1",
-    "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.CLIP.TEMPLATES", "simple",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.LOG_PERIOD", "1", "TEST.IMS_PER_BATCH", "4", "DETERMINISTIC", "True",
-]
+# the tiny run of the tests (random CLIP weights, small sizes, 2 checkpoints per task), 6 iterations
+TINY = tiny_run_overrides({"SOLVER.MAX_ITER": 6, "SOLVER.LOG_PERIOD": 1, "DETERMINISTIC": True})
 
 
 def _command(config: str, out: str, resume: bool, extra: List[str]) -> List[str]:

@@ -1,4 +1,6 @@
-"""Configuration: `get_cfg()`, YAML with `_BASE_`, `KEY VALUE` overrides, `@configurable`."""
-from .config import CfgNode, ConfigError, configurable, get_cfg, resolve_config_path
+"""Configuration: `get_cfg()`, YAML with `_BASE_`, `KEY VALUE` overrides, `@configurable`, and
+`@register_config` for the keys a method declares next to its code."""
+from .config import CfgNode, ConfigError, config_adders, configurable, get_cfg, register_config, resolve_config_path
 
-__all__ = ["CfgNode", "ConfigError", "configurable", "get_cfg", "resolve_config_path"]
+__all__ = ["CfgNode", "ConfigError", "config_adders", "configurable", "get_cfg", "register_config",
+           "resolve_config_path"]

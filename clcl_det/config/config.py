@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import os
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg", "configurable", "resolve_config_path"]
+from .errors import UserError
+
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "configurable", "resolve_config_path", "register_config",
+           "config_adders"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and the file."""
 
 
@@ -55,7 +59,8 @@ def _walk_and_check(default: "CfgNode", loaded: dict, prefix: str, root: "CfgNod
             hint = _closest_key(root, full)
             raise ConfigError(
                 f"Unknown config key '{full}'{where}"
-                + (f"; did you mean '{hint}'?" if hint else "; see clcl_det/config/defaults.py")
+                + (f"; did you mean '{hint}'?" if hint
+                   else "; see clcl_det/config/defaults.py and the methods' add_*_config functions")
             )
         d = default[k]
         if isinstance(d, _FvCfgNode):
@@ -131,11 +136,44 @@ class CfgNode(_FvCfgNode):
                 self[k] = v
 
 
+# -- method keys ------------------------------------------------------------------------------
+# A method declares its keys next to its code, in a function `add_<method>_config(cfg)` (detectron2
+# projects' `add_deeplab_config` style) decorated with `@register_config`; `get_cfg()` calls every
+# registered function on a copy of the framework defaults. The config layer never imports a
+# method: the in-tree methods are loaded by module name (BUILTIN_METHOD_MODULES), the way
+# PLUGINS are, and register their functions when imported. A plugin's `add_config(cfg)` is called
+# by `setup_cfg` (or it may use `@register_config` itself).
+BUILTIN_METHOD_MODULES = ("clcl_det.modeling",)  # imported by get_cfg(): they register the in-tree methods' keys
+_CONFIG_ADDERS: "Dict[str, Callable[[CfgNode], None]]" = {}
+
+
+def register_config(fn: Callable[["CfgNode"], None]) -> Callable[["CfgNode"], None]:
+    """Decorator: `fn(cfg)` declares a method's keys (each with a one-line comment); `get_cfg()`
+    calls it. Registering the same function again (a re-imported module) replaces it."""
+    _CONFIG_ADDERS[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+def config_adders() -> List[Callable[["CfgNode"], None]]:
+    """The registered key-declaring functions, in registration order."""
+    _load_builtin_methods()
+    return list(_CONFIG_ADDERS.values())
+
+
+def _load_builtin_methods() -> None:
+    for name in BUILTIN_METHOD_MODULES:
+        importlib.import_module(name)
+
+
 def get_cfg() -> CfgNode:
-    """A fresh copy of the defaults: the embedded Shapes + tiny-CLIP CL-CLIP 10+10 setup."""
+    """A fresh copy of the defaults (the embedded Shapes + tiny-CLIP F-ViT 10+10 setup) with the
+    keys of every registered method."""
     from .defaults import _C
 
-    return _C.clone()
+    cfg = _C.clone()
+    for add in config_adders():
+        add(cfg)
+    return cfg
 
 
 def _repo_configs_dir() -> str:

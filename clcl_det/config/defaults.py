@@ -4,7 +4,10 @@ The defaults are the *embedded default*: the F-ViT baseline on Shapes 10+10 with
 tiny CLIP, small enough to train on two CPU cores. Method configs (configs/*/clclip_*.yaml, ...)
 switch the RoI head, classification head and continual losses; real configs (configs/VOC,
 configs/COCO) switch CLIP, data and sizes.
-A method's keys sit together under its own node.
+This file holds the framework's keys only. A method declares its keys next to its code, in an
+`add_<method>_config(cfg)` function registered with `@register_config` (e.g. CL-CLIP's, all under
+MODEL.CLCLIP, in clcl_det/modeling/roi_heads/config.py); `get_cfg()` adds every registered
+method's keys to a copy of these defaults.
 """
 from .config import CfgNode as CN
 
@@ -12,7 +15,7 @@ _C = CN()
 _C.VERSION = 1  # config format version
 
 _C.OUTPUT_DIR = "./output/default"  # where task_<t>/ folders, logs and the summary go
-_C.SEED = 0  # global seed; data order, augmentation and sampling derive from it (negative = random)
+_C.SEED = 0  # global seed; every random stream derives from it (utils/seed.py); negative = one random seed, logged
 _C.DETERMINISTIC = False  # torch.use_deterministic_algorithms + single-threaded data order (bit-identical CPU runs)
 _C.PLUGINS = []  # python modules or .py files imported (in every worker) before building: user registrations
 
@@ -147,36 +150,7 @@ _C.MODEL.ENSEMBLE.ENABLED = True  # use the ensemble at inference
 _C.MODEL.ENSEMBLE.ALPHA = 0.3  # weight a of the CLIP score
 _C.MODEL.ENSEMBLE.CLIP_TEMPERATURE = 100.0  # logit scale of the RoI-pooled dense CLIP score
 
-_C.MODEL.COST_VOLUME = CN()  # CL-CLIP: dense V.T^T cosine volume and its prior
-_C.MODEL.COST_VOLUME.TEMPERATURE = 0.01  # prior = softmax_k(C / T)
-_C.MODEL.COST_VOLUME.NORM = "softmax"  # softmax | sigmoid | none
-_C.MODEL.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
-
-_C.MODEL.MULTI_EXPERT = CN()  # CL-CLIP: per-category expert RoI head
-_C.MODEL.MULTI_EXPERT.GATING = "residual"  # residual f*(1+g*m) | multiply f*m | concat [f, m]
-_C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
-_C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
-_C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
-_C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
-_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP.yaml)
-
-_C.MODEL.CLCLIP = CN()  # CL-CLIP continual terms
-_C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)
-_C.MODEL.CLCLIP.ORTH_WEIGHT = 0.1  # weight of the orthogonality loss
-_C.MODEL.CLCLIP.DRIFT = CN()
-_C.MODEL.CLCLIP.DRIFT.MODE = "feature"  # feature (pyramid outputs vs teacher) | param (||theta - theta_prev||^2)
-_C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
-
 _C.MODEL.CONTINUAL_LOSSES = []  # CONTINUAL_LOSS_REGISTRY entries added to the loss (CL-CLIP: FPNDrift, Orthogonality)
-
-_C.MODEL.DISTILL = CN()  # Faster-ILOD-style distillation baseline
-_C.MODEL.DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation
-_C.MODEL.DISTILL.ROI_WEIGHT = 1.0  # weight of old-class logit distillation (L2 on centred logits)
-
-_C.MODEL.UNBIASED_DISTILL = CN()  # UnbiasedDistill: RPN + KL on [old, background], new classes counted as background
-_C.MODEL.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
-_C.MODEL.UNBIASED_DISTILL.ROI_WEIGHT = 0.5  # weight of the unbiased RoI logit KL (Shapes: 1.0 and 0.25 in MODEL_ZOO.md)
-_C.MODEL.UNBIASED_DISTILL.TEMPERATURE = 1.0  # softmax temperature T of the KL (scaled by T^2)
 
 # ---------------------------------------------------------------------------------------------
 _C.SOLVER = CN()
@@ -205,39 +179,3 @@ _C.TEST.AP_METHOD = "voc07"  # headline VOC AP definition: voc07 (11-point) | ar
 _C.TEST.ZERO_SHOT = True  # also evaluate not-yet-learned classes zero-shot after each task
 _C.TEST.IMS_PER_BATCH = 8  # images per inference batch per process
 _C.TEST.EVAL_PERIOD = 0  # evaluate every N iterations inside a task (0 = only at task end)
-
-# ---------------------------------------------------------------------------------------------
-# Classification heads and losses of METHOD.md section 4 (SPA, Gaussian replay, SECA)
-
-_C.MODEL.SPA = CN()  # SPAHead: description-guided patch selection + OT alignment + task projectors
-_C.MODEL.SPA.DESCRIPTIONS = ""  # class descriptions: a name in datasets/descriptions (voc, coco, shapes), a .json path, or "" = from DATASETS.TRAIN
-_C.MODEL.SPA.FALLBACK_TEMPLATE = "a photo of a {}."  # sentence of a class without descriptions ({} = class name)
-_C.MODEL.SPA.POOLER_RESOLUTION = 7  # dense CLIP patches per RoI: RoIAlign to R x R
-_C.MODEL.SPA.NUM_PATCHES = 16  # patches kept per (RoI, class), ranked by max_j cos(patch, description j)
-_C.MODEL.SPA.EPSILON = 0.1  # entropic regularisation of the OT problem (cost 1 - cos)
-_C.MODEL.SPA.OT_WEIGHT = 1.0  # lambda: logit = tau * (cos(z, t_c) + lambda * s_OT)
-_C.MODEL.SPA.OT_METHOD = "auto"  # POT ot.solve_batch method: sinkhorn (CPU) | log_sinkhorn | auto (sinkhorn on CPU if EPSILON >= 0.05)
-_C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
-_C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
-_C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k text-classifier classes (0 = all); the others keep the text logit
-_C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
-_C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the RoI embedding (zero-initialised, frozen after its task)
-
-_C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics of RoI embeddings, replayed later
-_C.MODEL.REPLAY.INNER_HEAD = "TextClassifier"  # CLS_HEAD_REGISTRY entry that classifies real and replayed features
-_C.MODEL.REPLAY.COV = "full"  # covariance per class: full | diagonal | shared (one pooled covariance)
-_C.MODEL.REPLAY.SHRINKAGE = 1e-4  # added to the covariance's diagonal (s * I)
-_C.MODEL.REPLAY.SAMPLES_PER_CLASS = 8  # pseudo-features drawn per old class per iteration
-_C.MODEL.REPLAY.WEIGHT = 1.0  # weight of the replay classification loss
-
-_C.MODEL.SEVPR = CN()  # SemanticPrototypeHead (SECA SE-VPR): text-refined visual prototypes
-_C.MODEL.SEVPR.PROTO_WEIGHT = 0.5  # logit = tau * ((1 - w) cos(x, t_c) + w cos(x, refined prototype))
-_C.MODEL.SEVPR.MOMENTUM = 0.99  # EMA momentum of prototypes from positive RoIs in training (1 = only after each task)
-_C.MODEL.SEVPR.INIT_TEMPERATURE = 0.1  # W starts so that relations are softmax(-||t_c - t_j||^2 / this)
-_C.MODEL.SEVPR.ANCHOR_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined p_c, p_c))
-
-_C.MODEL.SGAKT = CN()  # SGAKTDistill (SECA SG-AKT): relevance-weighted distillation from earlier heads
-_C.MODEL.SGAKT.TEMPERATURE = 20.0  # KL distillation temperature (loss scaled by T^2)
-_C.MODEL.SGAKT.WEIGHT = 1.0  # loss weight, multiplied by the task index (0 in the first task)
-_C.MODEL.SGAKT.ATTENTION_TEMPERATURE = 0.1  # softmax temperature of the snapshots' text relevance
-_C.MODEL.SGAKT.RELEVANCE = "max"  # a snapshot's relevance to a RoI label: max | mean cos over its classes

@@ -27,8 +27,11 @@ from ..data.datasets import configure_datasets
 from ..engine.defaults import seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
+from ..utils.errors import UserError
+from ..utils.seed import derive_seed
 from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
 from ..engine.evaluate import evaluate_stage, write_summary
+from . import lifecycle
 
 __all__ = ["ContinualRunner", "RunStateError"]
 
@@ -38,7 +41,7 @@ logger = logging.getLogger(__name__)
 _IDENTITY_NODES = ("MODEL", "CONTINUAL", "DATASETS", "INPUT", "SEED")
 
 
-class RunStateError(RuntimeError):
+class RunStateError(UserError, RuntimeError):
     """OUTPUT_DIR holds something that does not belong to this run."""
 
 
@@ -156,7 +159,7 @@ class ContinualRunner:
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"CONTINUAL.TEACHER '{mode}' is not one of auto | always | never")
         if mode == "auto":
-            return any(getattr(m, "needs_teacher", False) for m in self.model.modules())
+            return lifecycle.needs_teacher(self.model)
         return mode == "always"
 
     # -- one task -----------------------------------------------------------------------------------
@@ -180,9 +183,8 @@ class ContinualRunner:
             del ckpt_meta
             trainer.resume(path)
         trainer.train()
-        self.model.end_task(task)
-        for m in [m for m in self.model.modules() if callable(getattr(m, "on_task_data", None))]:
-            m.on_task_data(task, self.model, build_test_loader(self.cfg, dicts))
+        lifecycle.end_task(self.model, task)
+        lifecycle.task_data(self.model, task, lambda: build_test_loader(self.cfg, dicts))
         if comm.is_main_process():
             DetectionCheckpointer(self.model, self.task_dir(t)).save("model_final", **self._meta(t, "final"))
         comm.synchronize()
@@ -190,14 +192,14 @@ class ContinualRunner:
     def _begin_task(self, t: int) -> None:
         """Grow the model for task t; what it creates is seeded by (SEED, t) alone, so a resumed
         run creates the very parameters an uninterrupted one did."""
-        seed_all_rng((max(self.cfg.SEED, 0) * 1000 + t + 1) % 2**31)
-        self.model.begin_task(self.split.task(t))
+        seed_all_rng(derive_seed(self.cfg.SEED, t + 1))
+        lifecycle.begin_task(self.model, self.split.task(t))
 
     def _replay_structure(self, upto: int) -> None:
         """Grow and freeze the model as tasks 0..upto-1 did, then load task upto-1's final weights."""
         for t in range(upto):
             self._begin_task(t)
-            self.model.end_task(self.split.task(t))
+            lifecycle.end_task(self.model, self.split.task(t))
         if upto > 0:
             self.load_final(upto - 1)
 
@@ -223,7 +225,7 @@ class ContinualRunner:
                 self.train_task(task, resume_partial=status == "partial")
             else:
                 self.load_final(t)
-                self.model.end_task(task)
+                lifecycle.end_task(self.model, task)
             self.model.set_teacher(None)
             del teacher
             evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t))
@@ -243,7 +245,7 @@ class ContinualRunner:
             t = int(ckpt["task"])
             for i in range(t + 1):
                 self._begin_task(i)
-                self.model.end_task(self.split.task(i))
+                lifecycle.end_task(self.model, self.split.task(i))
             self.model.load_state_dict(ckpt["model"], strict=False)
             out_dir = os.path.join(self.out, "eval")
             return evaluate_stage(self.cfg, self.model, self.split, self.split.task(t), self.test_dicts(), out_dir)
@@ -255,9 +257,9 @@ class ContinualRunner:
             self._begin_task(t)
             if t in trained:
                 self.load_final(t)
-                self.model.end_task(task)
+                lifecycle.end_task(self.model, task)
                 evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t))
             else:
-                self.model.end_task(task)
+                lifecycle.end_task(self.model, task)
         return write_summary(self.cfg, self.split, self.out, final=True)
 

@@ -10,6 +10,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..utils import comm
+from ..utils.seed import derive_seed
 from .catalog import DatasetCatalog
 from .mapper import DatasetMapper, ImageReadError
 
@@ -113,7 +114,7 @@ def build_train_loader(cfg: Any, dicts: List[Dict[str, Any]], task: int = 0, sta
     if not dicts:
         raise ValueError("no training images for this task (check DATASETS.TRAIN and CONTINUAL.TASKS)")
     mapper = mapper or DatasetMapper(cfg, is_train=True)
-    ds = _TrainBatches(dicts, mapper, cfg.SOLVER.IMS_PER_BATCH, cfg.SEED, task, start_iter,
+    ds = _TrainBatches(dicts, mapper, cfg.SOLVER.IMS_PER_BATCH, derive_seed(cfg.SEED), task, start_iter,
                        comm.get_rank(), comm.get_world_size())
     workers = 0 if cfg.DETERMINISTIC else cfg.DATALOADER.NUM_WORKERS
     return DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_list_collate,

@@ -10,12 +10,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
+from ..utils.errors import UserError
+
 __all__ = ["Task", "ContinualSplit", "parse_task_string", "build_continual_split", "SplitError"]
 
 IMAGE_FILTERS = ("contains_current", "exclusive", "non_cooccurrence")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The task string, class order or image filter does not fit the dataset."""
 
 

@@ -20,6 +20,8 @@ import re
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..utils.errors import UserError
+
 __all__ = [
     "DescriptionError", "descriptions_dir", "resolve_descriptions_file", "load_descriptions",
     "load_class_descriptions", "class_sentences", "DEFAULT_TEMPLATE",
@@ -34,7 +36,7 @@ _REPO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
 _INSTALLED_DIR = os.path.join(sys.prefix, "share", "clcl_det", "descriptions")  # setup.py data_files
 
 
-class DescriptionError(ValueError):
+class DescriptionError(UserError, ValueError):
     """A description file or name is wrong; the message names the key, file and class."""
 
 
@@ -114,12 +116,14 @@ def load_descriptions(path: str) -> Dict[str, List[str]]:
     return out
 
 
-def load_class_descriptions(cfg: Any) -> Dict[str, List[str]]:
-    """The descriptions named by cfg.MODEL.SPA.DESCRIPTIONS ({} when none is found for "")."""
-    path = resolve_descriptions_file(cfg.MODEL.SPA.DESCRIPTIONS, cfg.DATASETS.TRAIN)
+def load_class_descriptions(value: str, train_datasets: Sequence[str],
+                            key: str = "MODEL.SPA.DESCRIPTIONS") -> Dict[str, List[str]]:
+    """The descriptions named by `value` (the config key `key`): a name, a .json path, or "" for
+    the file of `train_datasets` ({} when none is found for "")."""
+    path = resolve_descriptions_file(value, train_datasets, key)
     if path is None:
-        logger.warning(f"no class-description file for DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} in "
-                       f"{descriptions_dir()}; every class uses the template (set MODEL.SPA.DESCRIPTIONS)")
+        logger.warning(f"no class-description file for DATASETS.TRAIN {tuple(train_datasets)} in "
+                       f"{descriptions_dir()}; every class uses the template (set {key})")
         return {}
     logger.info(f"class descriptions from {path}")
     return load_descriptions(path)

@@ -8,11 +8,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import configurable
+from ..utils.errors import UserError
 
 __all__ = ["DatasetMapper", "ImageReadError", "read_image"]
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file is missing, truncated or not an image."""
 
 

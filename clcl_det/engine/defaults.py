@@ -17,6 +17,7 @@ import torch
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
 from ..utils import comm
 from ..utils.logger import setup_logger
+from ..utils.seed import derive_seed
 
 __all__ = ["default_argument_parser", "setup_cfg", "default_setup", "load_plugins", "seed_all_rng"]
 
@@ -107,9 +108,9 @@ def setup_cfg(config_file: str = "", opts: Sequence[str] = (), plugins: Sequence
 
 
 def seed_all_rng(seed: int) -> int:
-    """Seed python, numpy and torch; a negative seed draws one (returned)."""
-    if seed < 0:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    """Seed python, numpy and torch with `derive_seed(seed)` (a negative seed: the run's drawn
+    one); the seed used is returned."""
+    seed = derive_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -127,7 +128,7 @@ def default_setup(cfg: CfgNode, args: Optional[argparse.Namespace] = None) -> No
                 f"{torch.get_num_threads()} threads")
     if args is not None:
         logger.info(f"command line: {' '.join(sys.argv)}")
-    seed_all_rng(cfg.SEED)
+    seed_all_rng(derive_seed(cfg.SEED))
     torch.set_flush_denormal(True)  # denormal floats make CPU kernels many times slower
     if cfg.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -17,13 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..utils import comm
 from ..utils.checkpoint import DetectionCheckpointer, PeriodicCheckpointer
+from ..utils.errors import UserError
 
 __all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule"]
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss became NaN or infinite; the message names the iteration and the losses."""
 
 

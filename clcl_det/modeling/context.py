@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
+
+if TYPE_CHECKING:  # data is a lower layer; for the annotation only
+    from ..data.continual import Task
 
 __all__ = ["HeadContext"]
 
@@ -18,7 +21,7 @@ class HeadContext:
     clip_dense: Tensor  # B x D x h x w, L2-normalised dense CLIP map V
     clip_stride: int  # pixels per cell of V
     image_sizes: List[Tuple[int, int]]  # (h, w) of each image's content inside the padded batch
-    task: Any = None  # the current continual Task (None outside the continual loop)
+    task: Optional["Task"] = None  # the current continual Task (None outside the continual loop)
     class_names: Tuple[str, ...] = ()  # names of the K classes of class_embeddings
     background_absorbs: int = 0  # training: a background label also accepts classes 0..n-1 (unbiased CE)
     extras: Dict[str, Any] = field(default_factory=dict)  # method-specific per-batch tensors (e.g. the cost volume)

@@ -32,4 +32,4 @@ def category_prior(dense: Tensor, text: Tensor, background: Tensor, temperature:
         return torch.cat([fg, 1 - fg.amax(dim=1, keepdim=True)], dim=1)
     if norm == "none":
         return cost
-    raise ValueError(f"MODEL.COST_VOLUME.NORM '{norm}' is not one of {PRIOR_NORMS}")
+    raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.NORM '{norm}' is not one of {PRIOR_NORMS}")

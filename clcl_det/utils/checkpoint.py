@@ -10,13 +10,15 @@ from typing import Any, Dict
 import torch
 from fvcore.common.checkpoint import Checkpointer, PeriodicCheckpointer
 
+from .errors import UserError
+
 __all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "atomic_write_bytes", "atomic_torch_save",
            "load_checkpoint_file", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
 

@@ -1,26 +1,33 @@
-"""Command-line error handling: errors caused by the user's input print as one line."""
+"""Command-line error handling: errors caused by the user's input print as one line.
+
+Every such error derives from `UserError` (defined in the lowest layer, `clcl_det.config.errors`,
+so that `ConfigError` can derive from it too). This module imports nothing above `config`: the
+error types are found by subclassing, not by listing them here.
+"""
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Tuple, Type
+from typing import Any, Callable, Set, Tuple, Type
 
-__all__ = ["user_errors", "run_cli"]
+from ..config.errors import UserError
+
+__all__ = ["UserError", "user_errors", "run_cli"]
 
 
 def user_errors() -> Tuple[Type[BaseException], ...]:
-    """Exception types whose message says what is wrong and where (no traceback needed)."""
-    from ..config import ConfigError
-    from ..continual.loop import RunStateError
-    from ..data.continual import SplitError
-    from ..data.datasets.coco import COCOFormatError
-    from ..data.datasets.voc import DatasetMissingError
-    from ..data.mapper import ImageReadError
-    from ..engine.trainer import NonFiniteLossError
-    from .checkpoint import CheckpointError
+    """`UserError` and every subclass defined so far (names used to recognise a worker's error)."""
+    found, todo = [], [UserError]
+    while todo:
+        t = todo.pop()
+        if t not in found:
+            found.append(t)
+            todo.extend(t.__subclasses__())
+    return tuple(found)
 
-    return (ConfigError, SplitError, DatasetMissingError, COCOFormatError, ImageReadError, CheckpointError,
-            RunStateError, NonFiniteLossError)
+
+def _user_error_names() -> Set[str]:
+    return {t.__name__ for t in user_errors()}
 
 
 def _child_error_line(e: BaseException) -> str:
@@ -38,10 +45,10 @@ def run_cli(fn: Callable[[], Any]) -> int:
         print("clcl_det: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - sorted below
-        names = {t.__name__ for t in user_errors()}
-        if isinstance(e, user_errors()):
+        if isinstance(e, UserError):
             msg = str(e)
-        elif type(e).__name__ == "ProcessRaisedException" and _child_error_line(e).split(":")[0] in names:
+        elif type(e).__name__ == "ProcessRaisedException" and \
+                _child_error_line(e).split(":")[0].split(".")[-1] in _user_error_names():
             msg = _child_error_line(e).split(":", 1)[1].strip()
         else:
             raise

@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
+from ...utils.errors import UserError
 from .voc import DatasetMissingError
 
 __all__ = ["load_coco_json", "register_coco_instances", "COCOFormatError"]
@@ -14,7 +15,7 @@ __all__ = ["load_coco_json", "register_coco_instances", "COCOFormatError"]
 logger = logging.getLogger(__name__)
 
 
-class COCOFormatError(ValueError):
+class COCOFormatError(UserError, ValueError):
     """A COCO json lacks a required key or holds a malformed entry."""
 
 

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Sequence
 
 from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
+from ...utils.errors import UserError
 
 __all__ = ["VOC_CLASSES", "VOC_TEXT_NAMES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
 
@@ -32,7 +33,7 @@ def text_names(class_names: Sequence[str]) -> Dict[str, str]:
     return {c: VOC_TEXT_NAMES.get(c, c) for c in class_names}
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(UserError, FileNotFoundError):
     """A dataset directory or index file is not where the catalog expects it."""
 
 

@@ -11,6 +11,8 @@ import open_clip
 import torch
 from torch import nn
 
+from ...utils.seed import derive_seed
+
 __all__ = ["build_clip", "clip_cache_dir", "create_open_clip", "PROJECT_PRETRAINED"]
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
         logger.info(f"CLIP: {arch} with random weights (MODEL.CLIP.PRETRAINED is empty)")
     # random weights are a function of SEED, so a resumed or eval-only run sees the same CLIP
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(max(cfg.SEED, 0))
+        torch.manual_seed(derive_seed(cfg.SEED))
         model = create_open_clip(arch, pretrained or None, cache_dir=clip_cache_dir(cfg), weights_only=True)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)

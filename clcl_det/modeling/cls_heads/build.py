@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ...utils.registry import Registry, lookup
 from ..context import HeadContext
+from ..continual_module import ContinualModule
 
 __all__ = ["CLS_HEAD_REGISTRY", "ClsHead", "build_cls_head", "unbiased_cross_entropy"]
 
@@ -31,7 +32,7 @@ def unbiased_cross_entropy(logits: Tensor, labels: Tensor, num_old: int = 0) -> 
     return (logits.logsumexp(dim=1) - target).mean()
 
 
-class ClsHead(nn.Module):
+class ClsHead(ContinualModule):
     """Base class: `forward(x, ctx, rois)` gives logits R x (K+1), background last; `losses`
     gives the classification loss (cross-entropy, unbiased for background when
     `ctx.background_absorbs` > 0; label -1 is ignored)."""

@@ -1,52 +1,23 @@
 """Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of RoI embeddings,
-stored after each task, sampled while later tasks train (METHOD.md section 4)."""
+stored after each task, sampled while later tasks train (docs/methods.md, GaussianReplay)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError, configurable
-from ...utils import comm
 from ...utils.registry import lookup
+from ...utils.seed import derive_seed
 from ..context import HeadContext
+from ..roi_statistics import all_reduce_sum, ground_truth_embeddings
 from .build import CLS_HEAD_REGISTRY, ClsHead
 
-__all__ = ["GaussianReplay", "ground_truth_embeddings", "all_reduce_sum", "COV_MODES"]
+__all__ = ["GaussianReplay", "COV_MODES"]
 
 COV_MODES = ("full", "diagonal", "shared")
-
-
-@torch.no_grad()
-def ground_truth_embeddings(model: nn.Module, loader: Iterable[List[Dict[str, Any]]]) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Per batch of mapped dicts, the RoI embeddings of the ground-truth boxes (N x D, from the
-    model's RoI head in eval mode) and their classes (N). Images without boxes are skipped."""
-    was_training = model.training
-    model.eval()
-    try:
-        heads = model.roi_heads
-        for batch in loader:
-            batch = [x for x in batch if not x.get("unreadable") and len(x.get("boxes", ()))]
-            if not batch:
-                continue
-            images = model.preprocess(batch)
-            bb = model.backbone(images.tensors)
-            ctx = model.make_context(bb["clip_dense"], images.image_sizes)
-            boxes = [x["boxes"].to(model.device).float() for x in batch]
-            out = heads.predict(heads.pool(bb["features"], boxes, images.image_sizes), boxes, ctx)
-            yield out["embeddings"], torch.cat([x["classes"] for x in batch]).to(model.device)
-    finally:
-        model.train(was_training)
-
-
-def all_reduce_sum(*tensors: Tensor) -> None:
-    """Sum tensors over processes in place (no-op in a single process)."""
-    if comm.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -101,7 +72,7 @@ class GaussianReplay(ClsHead):
             raise ConfigError("MODEL.REPLAY.INNER_HEAD cannot be GaussianReplay itself (e.g. TextClassifier, SPAHead)")
         inner = lookup(CLS_HEAD_REGISTRY, r.INNER_HEAD, "MODEL.REPLAY.INNER_HEAD")(cfg, embed_dim)
         return {"inner": inner, "embed_dim": embed_dim, "cov": r.COV, "shrinkage": r.SHRINKAGE,
-                "samples_per_class": r.SAMPLES_PER_CLASS, "weight": r.WEIGHT, "seed": cfg.SEED}
+                "samples_per_class": r.SAMPLES_PER_CLASS, "weight": r.WEIGHT, "seed": derive_seed(cfg.SEED)}
 
     # -- statistics -----------------------------------------------------------------------------
     @property

@@ -1,5 +1,5 @@
 """SE-VPR (SECA): visual class prototypes refined by the text embeddings' inter-class relations, mixed
-with the text classifier (METHOD.md section 4)."""
+with the text classifier (docs/methods.md, SemanticPrototypeHead)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ...config import configurable
 from ..context import HeadContext
 from .build import CLS_HEAD_REGISTRY
-from .gaussian_replay import all_reduce_sum, ground_truth_embeddings
+from ..roi_statistics import all_reduce_sum, ground_truth_embeddings
 from .text_classifier import TextClassifier
 
 __all__ = ["SemanticPrototypeHead", "refine_prototypes"]

@@ -1,6 +1,6 @@
 """SPA (semantic-guided patch alignment): the text classifier plus an optimal-transport score between
 a RoI's description-selected dense CLIP patches and the class descriptions' semantic tokens, and
-task-specific projectors on the RoI embedding (METHOD.md section 4)."""
+task-specific projectors on the RoI embedding (docs/methods.md, SPAHead)."""
 from __future__ import annotations
 
 import logging
@@ -175,7 +175,8 @@ class SPAHead(TextClassifier):
     @classmethod
     def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
         s = cfg.MODEL.SPA
-        return {**super().from_config(cfg, embed_dim), "descriptions": load_class_descriptions(cfg),
+        descriptions = load_class_descriptions(s.DESCRIPTIONS, cfg.DATASETS.TRAIN)
+        return {**super().from_config(cfg, embed_dim), "descriptions": descriptions,
                 "fallback_template": s.FALLBACK_TEMPLATE, "num_patches": s.NUM_PATCHES,
                 "patch_resolution": s.POOLER_RESOLUTION, "epsilon": s.EPSILON, "ot_weight": s.OT_WEIGHT,
                 "ot_method": s.OT_METHOD, "ot_max_iter": s.OT_MAX_ITER, "ot_tol": s.OT_TOL, "topk": s.TOPK,
@@ -213,7 +214,7 @@ class SPAHead(TextClassifier):
         if names not in self._banks:
             if self._text is None:
                 raise RuntimeError("SPAHead has no text encoder: it gets the model's in on_task_start "
-                                   "(model.begin_task) or from set_text_encoder()")
+                                   "(clcl_det.continual.begin_task) or from set_text_encoder()")
             self._banks[names] = build_description_bank(self._text.obj, names, self.descriptions,
                                                         self.fallback_template)
             while len(self._banks) > 4:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import configurable
-from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, teacher_pyramid
+from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, LossInputs, TeacherOutputs
 
 __all__ = ["FasterILODDistill", "UnbiasedDistill", "rpn_distillation", "logit_distillation",
            "unbiased_logit_distillation", "teacher_outputs"]
@@ -50,17 +50,11 @@ def unbiased_logit_distillation(student: Tensor, teacher: Tensor, temperature: f
     return kl.mean() * temperature ** 2 if kl.numel() else student.sum() * 0.0
 
 
-def teacher_outputs(teacher: nn.Module, outputs: Dict[str, Any]) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+def teacher_outputs(teacher: TeacherOutputs, outputs: LossInputs) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """The teacher's RPN objectness and deltas on the batch and its RoI logits on the student's
     sampled RoIs (R x (k_old + 1), background last)."""
-    feats = teacher_pyramid(teacher, outputs)
-    rois = outputs["roi"]["rois"]
-    with torch.no_grad():
-        t_obj, t_deltas = teacher.proposal_generator.head(list(feats.values()))
-        t_ctx = teacher.make_context(outputs["ctx"].clip_dense, outputs["ctx"].image_sizes)
-        t_logits = teacher.roi_heads.predict(teacher.roi_heads.pool(feats, rois, t_ctx.image_sizes), rois,
-                                             t_ctx)["logits"]
-    return t_obj, t_deltas, t_logits
+    t_obj, t_deltas = teacher.rpn()
+    return t_obj, t_deltas, teacher.roi_logits()
 
 
 @CONTINUAL_LOSS_REGISTRY.register()
@@ -78,8 +72,8 @@ class FasterILODDistill(ContinualLoss):
     def from_config(cls, cfg: Any) -> Dict[str, Any]:
         return {"rpn_weight": cfg.MODEL.DISTILL.RPN_WEIGHT, "roi_weight": cfg.MODEL.DISTILL.ROI_WEIGHT}
 
-    def forward(self, model: nn.Module, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]],
-                teacher: Optional[nn.Module]) -> Dict[str, Tensor]:
+    def forward(self, model: nn.Module, outputs: LossInputs, batched_inputs: List[Dict[str, Any]],
+                teacher: Optional[TeacherOutputs]) -> Dict[str, Tensor]:
         if teacher is None:
             return {}
         t_obj, t_deltas, t_logits = teacher_outputs(teacher, outputs)
@@ -93,7 +87,7 @@ class FasterILODDistill(ContinualLoss):
 
 @CONTINUAL_LOSS_REGISTRY.register()
 class UnbiasedDistill(ContinualLoss):
-    """RPN distillation + unbiased RoI logit distillation (MODEL.UNBIASED_DISTILL): the previous
+    """RPN distillation + unbiased RoI logit distillation (MODEL.CLCLIP.UNBIASED_DISTILL): the previous
     model's old-class/background distribution is kept on every sampled RoI without teaching new
     objects as background."""
 
@@ -106,11 +100,11 @@ class UnbiasedDistill(ContinualLoss):
 
     @classmethod
     def from_config(cls, cfg: Any) -> Dict[str, Any]:
-        d = cfg.MODEL.UNBIASED_DISTILL
+        d = cfg.MODEL.CLCLIP.UNBIASED_DISTILL
         return {"rpn_weight": d.RPN_WEIGHT, "roi_weight": d.ROI_WEIGHT, "temperature": d.TEMPERATURE}
 
-    def forward(self, model: nn.Module, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]],
-                teacher: Optional[nn.Module]) -> Dict[str, Tensor]:
+    def forward(self, model: nn.Module, outputs: LossInputs, batched_inputs: List[Dict[str, Any]],
+                teacher: Optional[TeacherOutputs]) -> Dict[str, Tensor]:
         if teacher is None:
             return {}
         t_obj, t_deltas, t_logits = teacher_outputs(teacher, outputs)

@@ -1,13 +1,13 @@
 """CL-CLIP's FPN drift regularisation: keep the pyramid close to the previous task's."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ...config import configurable
-from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, teacher_pyramid
+from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, LossInputs, TeacherOutputs
 
 __all__ = ["FPNDrift", "feature_drift", "param_drift"]
 
@@ -17,9 +17,10 @@ def feature_drift(student: Dict[str, Tensor], teacher: Dict[str, Tensor]) -> Ten
     return torch.stack([(student[k] - teacher[k]).pow(2).mean() for k in student]).mean()
 
 
-def param_drift(student: nn.Module, teacher: nn.Module) -> Tensor:
-    """sum ||theta - theta^{t-1}||^2 over the parameters of two modules of the same structure."""
-    t = dict(teacher.named_parameters())
+def param_drift(student: nn.Module, teacher: Union[nn.Module, Dict[str, Tensor]]) -> Tensor:
+    """sum ||theta - theta^{t-1}||^2 over the parameters of a module and the same-named
+    parameters of the teacher (a module of the same structure, or its parameters by name)."""
+    t = dict(teacher.named_parameters()) if isinstance(teacher, nn.Module) else teacher
     return sum((p - t[n].detach()).pow(2).sum() for n, p in student.named_parameters())
 
 
@@ -40,12 +41,12 @@ class FPNDrift(ContinualLoss):
     def from_config(cls, cfg: Any) -> Dict[str, Any]:
         return {"mode": cfg.MODEL.CLCLIP.DRIFT.MODE, "weight": cfg.MODEL.CLCLIP.DRIFT.WEIGHT}
 
-    def forward(self, model: nn.Module, outputs: Dict[str, Any], batched_inputs: List[Dict[str, Any]],
-                teacher: Optional[nn.Module]) -> Dict[str, Tensor]:
+    def forward(self, model: nn.Module, outputs: LossInputs, batched_inputs: List[Dict[str, Any]],
+                teacher: Optional[TeacherOutputs]) -> Dict[str, Tensor]:
         if teacher is None or self.weight == 0:
             return {}
         if self.mode == "feature":
-            loss = feature_drift(outputs["backbone"]["features"], teacher_pyramid(teacher, outputs))
+            loss = feature_drift(outputs["backbone"]["features"], teacher.features())
         else:
-            loss = param_drift(model.backbone, teacher.backbone)
+            loss = param_drift(model.backbone, teacher.parameters())
         return {"loss_drift": self.weight * loss}

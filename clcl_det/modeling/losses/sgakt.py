@@ -1,5 +1,5 @@
 """SG-AKT (SECA): distillation from snapshots of the earlier tasks' RoI heads, each weighted per RoI by
-the text relevance of its classes to the RoI's label (METHOD.md section 4)."""
+the text relevance of its classes to the RoI's label (docs/methods.md, SG-AKT)."""
 from __future__ import annotations
 
 import copy
@@ -11,16 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import configurable
+from ..continual_module import LifeCycleOptOut
 from .build import CONTINUAL_LOSS_REGISTRY, ContinualLoss
 
-__all__ = ["SGAKTDistill", "snapshot_relevance", "LIFE_CYCLE_HOOKS"]
+__all__ = ["SGAKTDistill", "snapshot_relevance"]
 
-LIFE_CYCLE_HOOKS = ("on_task_start", "on_task_end", "on_task_data")
 RELEVANCE_MODES = ("max", "mean")
 
 
-class _FrozenSnapshots(nn.ModuleList):
-    """Frozen copies; `train()` leaves them in eval mode."""
+class _FrozenSnapshots(LifeCycleOptOut, nn.ModuleList):
+    """Frozen copies; `train()` leaves them in eval mode; they take no part in the life cycle
+    (no growth, no statistics)."""
 
     def train(self, mode: bool = True) -> "_FrozenSnapshots":
         return super().train(False)
@@ -93,9 +94,6 @@ class SGAKTDistill(ContinualLoss):
             return
         snap = copy.deepcopy(model.roi_heads)
         snap.requires_grad_(False)
-        for m in snap.modules():  # a snapshot takes no part in the life cycle (no growth, no statistics)
-            for hook in LIFE_CYCLE_HOOKS:
-                object.__setattr__(m, hook, None)
         self.snapshots.append(snap)
         self.ranges.append((last, task.start))
 

@@ -12,7 +12,8 @@ from torchvision.models.detection.image_list import ImageList
 from ..backbone.build import build_backbone
 from ..clip.factory import build_clip
 from ..context import HeadContext
-from ..losses.build import build_continual_losses
+from ..continual_module import ContinualModule
+from ..losses.build import LossInputs, TeacherOutputs, build_continual_losses
 from ..proposal_generator.build import build_proposal_generator
 from ..roi_heads.build import build_roi_heads
 from ..text import TextEncoder
@@ -31,15 +32,16 @@ def _text_names(cfg: Any) -> Dict[str, str]:
 
 
 @META_ARCH_REGISTRY.register()
-class FViT(nn.Module):
+class FViT(ContinualModule):
     """The detector. Takes a list of mapped dicts (``image`` uint8 3xHxW, and in training ``boxes``
     / ``classes`` / ``seed``) and returns a dict of losses (training) or, per image,
     ``{boxes, scores, labels}`` in original image pixels (inference).
 
     The frozen open_clip model is held outside the module tree: it is not in `parameters()`,
     `state_dict()` or DDP; `.to()` still moves it. The vocabulary (class names, their text
-    embeddings) is set per task by `begin_task`; modules with `on_task_start(task, model)` /
-    `on_task_end(task, model)` take part in the continual life cycle.
+    embeddings) is set per task by its `on_task_start`, which the life-cycle dispatcher
+    (`clcl_det.continual.begin_task`) calls before the hooks of its submodules. As the previous
+    task's frozen model it implements the `Teacher` interface continual losses use.
     """
 
     def __init__(self, cfg: Any):
@@ -107,21 +109,24 @@ class FViT(nn.Module):
         finally:
             self.class_names, self.class_embeddings = saved
 
-    def _children_with(self, hook: str) -> List[nn.Module]:
-        return [m for m in self.modules() if m is not self and callable(getattr(m, hook, None))]
-
-    def begin_task(self, task: Any) -> None:
-        """Grow the vocabulary to the task's seen classes; let modules create per-class state."""
+    def on_task_start(self, task: Any, model: nn.Module) -> None:
+        """Grow the vocabulary to the task's seen classes (before the submodules' hooks run)."""
         self.task = task
         self.set_vocabulary(task.class_names)
-        for m in self._children_with("on_task_start"):
-            m.on_task_start(task, self)
-        self.to(self.device)
 
-    def end_task(self, task: Any) -> None:
-        """Let modules freeze or summarise what the task learned."""
-        for m in self._children_with("on_task_end"):
-            m.on_task_end(task, self)
+    # -- the Teacher interface (see losses.build.Teacher) --------------------------------------------
+    def teacher_features(self, taps: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return self.backbone.pyramid_features(taps)
+
+    def teacher_rpn(self, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        return self.proposal_generator.head(list(features.values()))
+
+    def teacher_roi_logits(self, features: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        t_ctx = self.make_context(ctx.clip_dense, ctx.image_sizes)
+        return self.roi_heads.predict(self.roi_heads.pool(features, rois, t_ctx.image_sizes), rois, t_ctx)["logits"]
+
+    def teacher_parameters(self) -> Dict[str, Tensor]:
+        return dict(self.backbone.named_parameters())
 
     # -- forward --------------------------------------------------------------------------------
     def preprocess(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
@@ -143,7 +148,8 @@ class FViT(nn.Module):
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
         if not self.class_names:
-            raise RuntimeError("the detector has no vocabulary: call begin_task(task) or set_vocabulary(names)")
+            raise RuntimeError("the detector has no vocabulary: call clcl_det.continual.begin_task(model, task) "
+                               "or set_vocabulary(names)")
         images = self.preprocess(batched_inputs)
         bb = self.backbone(images.tensors)
         features = bb["features"]
@@ -163,10 +169,11 @@ class FViT(nn.Module):
         proposals, losses, rpn_raw = self.proposal_generator(images, features, targets, seeds)
         roi_losses, roi_out = self.roi_heads(features, proposals, ctx, targets, seeds)
         losses.update(roi_losses)
-        outputs = {"backbone": bb, "images": images, "ctx": ctx, "rpn": rpn_raw, "roi": roi_out,
-                   "proposals": proposals, "targets": targets}
+        outputs = LossInputs(backbone=bb, ctx=ctx, rpn=rpn_raw, roi=roi_out, images=images, proposals=proposals,
+                             targets=targets)
+        teacher = TeacherOutputs(self.teacher, outputs) if self.teacher is not None else None
         for loss in self.continual_losses:
-            losses.update(loss(self, outputs, batched_inputs, self.teacher))
+            losses.update(loss(self, outputs, batched_inputs, teacher))
         return losses
 
     @staticmethod

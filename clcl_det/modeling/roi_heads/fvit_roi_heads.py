@@ -14,6 +14,7 @@ from ...config import configurable
 from ..backbone.clip_vit import get_norm
 from ..cls_heads.build import ClsHead, build_cls_head
 from ..context import HeadContext
+from ..continual_module import ContinualModule
 from ..sampling import image_generator, subsample_labels
 from .build import ROI_HEADS_REGISTRY
 
@@ -52,7 +53,7 @@ def pooled_clip_embeddings(dense: Tensor, rois: Sequence[Tensor], stride: int) -
 
 
 @ROI_HEADS_REGISTRY.register()
-class FViTRoIHeads(nn.Module):
+class FViTRoIHeads(ContinualModule):
     """Training: sample RoIs, pool, classify, regress -> losses and the tensors continual losses
     need. Inference: detections {boxes, scores, labels} per image (padded-input coordinates).
 

@@ -96,7 +96,7 @@ class ExpertBank(nn.Module):
 
 @ROI_HEADS_REGISTRY.register()
 class MultiExpertRoIHeads(FViTRoIHeads):
-    """F-ViT RoI head + cost-volume category decoupling + per-class experts (METHOD.md section 2).
+    """F-ViT RoI head + cost-volume category decoupling + per-class experts (docs/methods.md, CL-CLIP).
 
     Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
     f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]); the background logit, box
@@ -110,9 +110,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                  expert_temperature: float = 50.0, **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
-            raise ValueError(f"MODEL.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
+            raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
         if prior_norm not in PRIOR_NORMS:
-            raise ValueError(f"MODEL.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
+            raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
         self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
                                   self.embed.out_features, expert_temperature)
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
@@ -124,7 +124,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     @classmethod
     def from_config(cls, cfg: Any, in_channels: int, level_names, embed_dim: int) -> Dict[str, Any]:
         kw = FViTRoIHeads.from_config(cfg, in_channels, level_names, embed_dim)
-        me, cv = cfg.MODEL.MULTI_EXPERT, cfg.MODEL.COST_VOLUME
+        me, cv = cfg.MODEL.CLCLIP.MULTI_EXPERT, cfg.MODEL.CLCLIP.COST_VOLUME
         kw.update(expert_dim=me.EXPERT_DIM, gating=me.GATING, gamma=me.GAMMA, topk=me.TOPK, freeze=me.FREEZE,
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,

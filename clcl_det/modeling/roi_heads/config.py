@@ -1,0 +1,36 @@
+"""CL-CLIP's keys, declared next to its RoI head (its continual losses live in ../losses) and
+added to every config by `get_cfg()` (see `clcl_det.config.register_config`)."""
+from ...config import CfgNode as CN
+from ...config import register_config
+
+__all__ = ["add_clclip_config"]
+
+
+@register_config
+def add_clclip_config(_C: CN) -> None:
+    """CL-CLIP's keys, all under MODEL.CLCLIP: the multi-expert RoI head (MultiExpertRoIHeads), its
+    cost-volume prior, and the FPNDrift, Orthogonality and UnbiasedDistill losses."""
+    _C.MODEL.CLCLIP = CN()  # CL-CLIP (MultiExpertRoIHeads + its continual losses): every key of the method
+    _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)
+    _C.MODEL.CLCLIP.ORTH_WEIGHT = 0.1  # weight of the orthogonality loss
+    _C.MODEL.CLCLIP.DRIFT = CN()
+    _C.MODEL.CLCLIP.DRIFT.MODE = "feature"  # feature (pyramid outputs vs teacher) | param (||theta - theta_prev||^2)
+    _C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
+
+    _C.MODEL.CLCLIP.COST_VOLUME = CN()  # dense V.T^T cosine volume and its prior
+    _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.01  # prior = softmax_k(C / T)
+    _C.MODEL.CLCLIP.COST_VOLUME.NORM = "softmax"  # softmax | sigmoid | none
+    _C.MODEL.CLCLIP.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
+
+    _C.MODEL.CLCLIP.MULTI_EXPERT = CN()  # MultiExpertRoIHeads: per-category expert RoI head
+    _C.MODEL.CLCLIP.MULTI_EXPERT.GATING = "residual"  # residual f*(1+g*m) | multiply f*m | concat [f, m]
+    _C.MODEL.CLCLIP.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
+    _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
+    _C.MODEL.CLCLIP.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP.yaml)
+
+    _C.MODEL.CLCLIP.UNBIASED_DISTILL = CN()  # UnbiasedDistill (the distillation CL-CLIP uses): RPN + KL on [old, background], new classes counted as background
+    _C.MODEL.CLCLIP.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
+    _C.MODEL.CLCLIP.UNBIASED_DISTILL.ROI_WEIGHT = 0.5  # weight of the unbiased RoI logit KL (Shapes: 1.0 and 0.25 in MODEL_ZOO.md)
+    _C.MODEL.CLCLIP.UNBIASED_DISTILL.TEMPERATURE = 1.0  # softmax temperature T of the KL (scaled by T^2)
