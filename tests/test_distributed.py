@@ -17,13 +17,27 @@ ITERS = 3
 TOL = dict(rtol=1e-4, atol=1e-6)  # float32 reductions in another order
 
 
-def _worker(opts, out_file):
+# every classification-head config shipped (and CL-CLIP's multi-expert RoI head), task 1 of 10+10
+HEADS = {
+    "fvit": [],
+    "clclip": ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads", "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']",
+               "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"],
+    "sevpr": ["MODEL.CLS_HEAD.NAME", "SemanticPrototypeHead", "MODEL.SEVPR.MOMENTUM", "0.5"],  # EMA updated in losses
+    "replay": ["MODEL.CLS_HEAD.NAME", "GaussianReplay"],
+    "secapp": ["MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.INNER_HEAD", "SemanticPrototypeHead",
+               "MODEL.SEVPR.MOMENTUM", "0.5"],
+    "spa": ["MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.INNER_HEAD", "SPAHead", "MODEL.SPA.DESCRIPTIONS",
+            "shapes", "MODEL.SPA.TOPK", "3", "MODEL.SPA.POOLER_RESOLUTION", "4", "MODEL.SPA.NUM_PATCHES", "4"],
+}
+
+
+def _train(name, opts, out_dir):
     from clcl_det.continual import ContinualRunner
     from clcl_det.data import build_train_loader
     from clcl_det.engine import TaskTrainer, default_setup
     from clcl_det.utils import comm
 
-    cfg = tiny_cfg(os.path.dirname(out_file))
+    cfg = tiny_cfg(out_dir)
     cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.LOG_PERIOD", "1",
                          "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "1e-2",
                          # SGD: a parameter moves by lr x its gradient, so the check is on the all-reduced
@@ -38,31 +52,47 @@ def _worker(opts, out_file):
     dicts = runner.split.task_train_dicts(runner.train_dicts(), 0)
     losses = []
     trainer = TaskTrainer(cfg, runner.model, lambda s: build_train_loader(cfg, dicts, task=0, start_iter=s),
-                          os.path.join(os.path.dirname(out_file), f"w{comm.get_world_size()}"),
+                          os.path.join(out_dir, f"{name}_w{comm.get_world_size()}"),
                           hooks=[lambda it: losses.append({k: h.latest() for k, h in trainer.history.items()})])
     trainer.train()
+    state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+    return {"losses": losses, "state": state, "ranks": comm.all_gather(state)}
+
+
+def _worker(heads, out_file):
+    from clcl_det.utils import comm
+
+    res = {name: _train(name, HEADS[name], os.path.dirname(out_file)) for name in heads}
     if comm.is_main_process():
-        torch.save({"losses": losses, "state": runner.model.state_dict()}, out_file)
+        torch.save(res, out_file)
 
 
-@pytest.mark.parametrize("method", ["fvit", "clclip"])
-def test_two_processes_agree_with_one(method, shapes_root, tmp_path):
-    opts = [] if method == "fvit" else ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads", "MODEL.CONTINUAL_LOSSES",
-                                        "['FPNDrift', 'Orthogonality']", "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"]
+def test_two_processes_agree_with_one_for_every_head(shapes_root, tmp_path):
+    """Losses, parameters and buffers (SE-VPR's EMA prototypes are updated inside `losses`) of
+    2 processes x 2 images equal those of 1 process x 4, for every head config; every rank holds
+    the same buffers."""
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    launch(_worker, 1, args=(opts, one))
-    launch(_worker, 2, args=(opts, two))
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert len(a["losses"]) == len(b["losses"]) == ITERS
-    for la, lb in zip(a["losses"], b["losses"]):
-        assert la.keys() == lb.keys()
-        for k in la:
-            assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
-    assert a["state"].keys() == b["state"].keys()
-    for k in a["state"]:
-        torch.testing.assert_close(a["state"][k], b["state"][k], **TOL, msg=k)
-    # the model did move: agreement is not the trivial one of an untouched model
-    assert any(la["loss_cls"] != a["losses"][0]["loss_cls"] for la in a["losses"][1:])
+    launch(_worker, 1, args=(list(HEADS), one))
+    launch(_worker, 2, args=(list(HEADS), two))
+    res_a, res_b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    for name in HEADS:
+        a, b = res_a[name], res_b[name]
+        assert len(a["losses"]) == len(b["losses"]) == ITERS, name
+        for la, lb in zip(a["losses"], b["losses"]):
+            assert la.keys() == lb.keys(), name
+            for k in la:
+                assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (name, k, la[k], lb[k])
+        assert a["state"].keys() == b["state"].keys(), name
+        for k in a["state"]:
+            torch.testing.assert_close(a["state"][k], b["state"][k], **TOL, msg=f"{name}: {k}")
+        r0, r1 = b["ranks"]
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"{name}: {k} differs between ranks"
+        # the model did move: agreement is not the trivial one of an untouched model
+        assert any(la["loss_cls"] != a["losses"][0]["loss_cls"] for la in a["losses"][1:]), name
+    for name in ("sevpr", "secapp"):  # the EMA did run: prototypes of several batches
+        counts = [v for k, v in res_a[name]["state"].items() if k.endswith("proto_counts")][0]
+        assert counts.sum() > 0, (name, counts)
 
 
 PLUGIN = textwrap.dedent('''

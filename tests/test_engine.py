@@ -94,7 +94,7 @@ def test_eval_only_reproduces_metrics(full_run, tmp_path):
     cfg.merge_from_list(["MODEL.WEIGHTS", os.path.join(out, "task_2", "model_final.pth")])
     cfg.freeze()
     ContinualRunner(cfg).evaluate()
-    with open(os.path.join(str(tmp_path / "e"), "eval", "metrics.json")) as f:
+    with open(os.path.join(str(tmp_path / "e"), "eval_1", "task_2", "metrics.json")) as f:
         assert json.load(f)["per_class"] == ref["per_class"]
     other = _cfg(str(tmp_path / "f"))
     other.merge_from_list(["CONTINUAL.TASKS", "15+5", "MODEL.WEIGHTS", os.path.join(out, "task_2", "model_final.pth")])

@@ -631,7 +631,7 @@ def test_build_stage_table_and_summary(tmp_path):
     plot_stages(summary, str(png))
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    assert not [p for p in os.listdir(png.parent) if p.startswith(".tmp_")]
+    assert os.listdir(png.parent) == ["stages.png"]  # no temporary file left
     heat = tmp_path / "plots" / "tasks.png"
     plot_task_matrix(summary, str(heat))
     assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,10 @@
 """Reliability: a run killed at chosen points resumes to the uninterrupted result; bad input is
 refused or skipped as documented; checkpoints are safe to load; same seed, same metrics."""
 import errno
+import fnmatch
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,8 @@ from clcl_det.data.datasets.coco import COCOFormatError, load_coco_json
 from clcl_det.data.datasets.voc import load_voc_instances
 from clcl_det.data.mapper import DatasetMapper, ImageReadError
 from clcl_det.engine.trainer import NonFiniteLossError
-from clcl_det.utils.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
+from clcl_det.utils.checkpoint import (TMP_PATTERN, CheckpointError, atomic_torch_save, atomic_write_bytes,
+                                      leftover_temp_files, load_checkpoint_file)
 
 from conftest import final_state, run_tiny, same_state, tiny_cfg
 
@@ -99,7 +102,7 @@ def test_killed_run_resumes_to_the_same_result(point, reference_run, tmp_path):
             assert json.load(a)["per_class"] == json.load(b)["per_class"]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert [s["task"] for s in summary["stages"]] == [0, 1]
-    assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+    assert not leftover_temp_files(out)
 
 
 def test_same_seed_same_metrics(reference_run, tmp_path):
@@ -272,3 +275,150 @@ def test_dataset_names_cannot_write_outside_output_dir(shapes_root, tmp_path):
     run_tiny(tiny_cfg(str(out), **{"DATASETS.TRAIN": "('evil_train',)", "DATASETS.TEST": "('evil_test',)"}))
     assert set(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "inner") == ["out"]
     assert "../../escape3" in open(out / "task_1" / "per_class.txt").read()
+
+
+# -- one atomic writer; the run folder's identity; eval-only; loss names --------------------------
+
+REPO_SRC = [os.path.join(REPO, d) for d in ("clcl_det", "tools")]
+
+
+def test_one_atomic_writer_in_the_code():
+    """Every rename-into-place of the project goes through utils/checkpoint.atomic_write (and the
+    Shapes generator's folder, with the same temp naming)."""
+    found = []
+    for root in REPO_SRC:
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(dirpath, f)).read()
+                    for word in ("os.replace(", "os.rename(", "mkstemp("):
+                        if word in text:
+                            found.append(f"{os.path.relpath(os.path.join(dirpath, f), REPO)}: {word}")
+    assert sorted(found) == ["clcl_det/data/datasets/shapes.py: os.rename(", "clcl_det/utils/checkpoint.py: mkstemp(",
+                             "clcl_det/utils/checkpoint.py: os.replace("]
+
+
+def _killed_before_rename(monkeypatch, write):
+    """Run `write` as if the process died between writing its temporary file and renaming it."""
+    def die(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", die)
+        m.setattr(os, "unlink", lambda *a, **k: None)  # a killed process does not clean up
+        with pytest.raises(KeyboardInterrupt):
+            write()
+
+
+def test_every_kind_of_leftover_is_removed_on_resume(reference_run, tmp_path, monkeypatch):
+    """Checkpoint, tag, json, text, yaml and png writes leave `.<name>.<random>.tmp` when killed;
+    `--resume` (with only an excluded key changed) removes them all and keeps the run's config.yaml."""
+    from clcl_det.evaluation import plot_stages, read_json, write_json
+    from clcl_det.utils.checkpoint import DetectionCheckpointer
+
+    ref, _ = reference_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    config_before = open(os.path.join(out, "config.yaml"), "rb").read()
+    summary = read_json(os.path.join(out, "summary.json"))
+    writes = {
+        "model_final.pth": lambda: atomic_torch_save({"x": torch.ones(1)}, os.path.join(out, "task_2", "model_final.pth")),
+        "model_0000001.pth": lambda: DetectionCheckpointer(torch.nn.Linear(1, 1), os.path.join(out, "task_1")).save(
+            "model_0000001"),
+        "metrics.json": lambda: write_json({"a": 1}, os.path.join(out, "task_1", "metrics.json")),
+        "summary.txt": lambda: atomic_write_bytes(os.path.join(out, "summary.txt"), b"half"),
+        "config.yaml": lambda: atomic_write_bytes(os.path.join(out, "task_2", "config.yaml"), b"half"),
+        "summary.png": lambda: plot_stages(summary, os.path.join(out, "summary.png")),
+    }
+    for name, write in writes.items():
+        _killed_before_rename(monkeypatch, write)
+    left = leftover_temp_files(out)
+    assert sorted(os.path.basename(p).split(".tmp")[0].rsplit(".", 1)[0][1:] for p in left) == sorted(writes)
+    assert all(fnmatch.fnmatch(os.path.basename(p), TMP_PATTERN) for p in left)
+    cfg = tiny_cfg(out, DETERMINISTIC="True", **{"SOLVER.LOG_PERIOD": "1"})  # excluded from the identity check
+    run_tiny(cfg, resume=True)
+    assert leftover_temp_files(out) == []
+    assert open(os.path.join(out, "config.yaml"), "rb").read() == config_before  # provenance kept
+    assert same_state(final_state(ref), final_state(out))
+
+
+def test_each_task_keeps_its_config_and_another_solver_is_refused(reference_run):
+    from clcl_det.config import CfgNode
+    from clcl_det.continual.loop import IDENTITY_EXCLUDED, _flat
+
+    out, _ = reference_run
+    root = _flat(CfgNode.load_yaml_with_base(os.path.join(out, "config.yaml")))
+    for t in (1, 2):
+        assert _flat(CfgNode.load_yaml_with_base(os.path.join(out, f"task_{t}", "config.yaml"))) == root
+    assert "SOLVER.BASE_LR" not in IDENTITY_EXCLUDED and "OUTPUT_DIR" in IDENTITY_EXCLUDED
+    cfg = tiny_cfg(out, DETERMINISTIC="True", **{"SOLVER.BASE_LR": "0.001", "TEST.ZERO_SHOT": "False"})
+    with pytest.raises(RunStateError, match=r"SOLVER.BASE_LR: 0.0002 -> 0.001, TEST.ZERO_SHOT: True -> False\)"):
+        run_tiny(cfg, resume=True)
+
+
+def test_eval_only_refuses_a_checkpoint_that_does_not_fit(reference_run, tmp_path):
+    from clcl_det.continual import ContinualRunner
+
+    ref, _ = reference_run
+    ckpt = load_checkpoint_file(os.path.join(ref, "task_2", "model_final.pth"))
+    dropped = list(ckpt["model"])[:4]  # state_dict order, the order load_state_dict reports them
+    for k in dropped:
+        ckpt["model"].pop(k)
+    ckpt["model"]["bogus.weight"] = torch.zeros(1)
+    bad = str(tmp_path / "bad.pth")
+    atomic_torch_save(ckpt, bad)
+    cfg = tiny_cfg(str(tmp_path / "e"), **{"MODEL.WEIGHTS": bad})
+    cfg.freeze()
+    with pytest.raises(CheckpointError) as e:
+        ContinualRunner(cfg).evaluate()
+    msg = str(e.value)
+    assert "\n" not in msg and f"missing keys 4 ({', '.join(dropped[:3])}, ...)" in msg
+    assert "unexpected keys 1 (bogus.weight)" in msg and not os.path.exists(tmp_path / "e" / "eval_1")
+
+
+def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run, tmp_path):
+    from clcl_det.continual import ContinualRunner
+
+    ref, _ = reference_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    before = {t: open(os.path.join(out, f"task_{t}", "metrics.json"), "rb").read() for t in (1, 2)}
+    summary_before = open(os.path.join(out, "summary.json"), "rb").read()
+    cfg = tiny_cfg(out, DETERMINISTIC="True")
+    cfg.freeze()
+    runner = ContinualRunner(cfg)
+    runner.evaluate()
+    for t in (1, 2):
+        assert open(os.path.join(out, f"task_{t}", "metrics.json"), "rb").read() == before[t]
+        fresh = json.load(open(os.path.join(out, "eval_1", f"task_{t}", "metrics.json")))
+        assert fresh["per_class"] == json.loads(before[t])["per_class"]
+    assert open(os.path.join(out, "summary.json"), "rb").read() == summary_before
+    assert os.path.isfile(os.path.join(out, "eval_1", "summary.json"))
+    assert os.path.isfile(os.path.join(out, "eval_1", "config.yaml"))
+    assert runner._new_eval_dir() == os.path.join(out, "eval_2")  # the next evaluation gets its own folder
+
+
+def test_duplicate_loss_names_are_refused_when_the_model_is_built(shapes_root):
+    from clcl_det.config import ConfigError
+    from clcl_det.modeling import build_model
+    from clcl_det.modeling.losses.build import CONTINUAL_LOSS_REGISTRY, ContinualLoss, merge_losses
+
+    if "DriftTwin" not in CONTINUAL_LOSS_REGISTRY:
+        @CONTINUAL_LOSS_REGISTRY.register()
+        class DriftTwin(ContinualLoss):
+            loss_names = ("loss_drift",)
+
+            def __init__(self, cfg):
+                super().__init__()
+
+    from clcl_det.data.datasets import configure_datasets
+    cfg = tiny_cfg(**{"MODEL.CONTINUAL_LOSSES": "['FPNDrift', 'DriftTwin']"})
+    configure_datasets(cfg)
+    with pytest.raises(ConfigError, match=r"loss 'loss_drift' is returned by both FPNDrift \(continual_losses.0\) "
+                                          r"and DriftTwin \(continual_losses.1\)"):
+        build_model(cfg)
+    # the two distillation baselines together: distinct names, so both are kept
+    model = build_model(tiny_cfg(**{"MODEL.CONTINUAL_LOSSES": "['FasterILODDistill', 'UnbiasedDistill']"}))
+    assert [type(m).__name__ for m in model.continual_losses] == ["FasterILODDistill", "UnbiasedDistill"]
+    losses = {"loss_cls": torch.ones(())}
+    with pytest.raises(ConfigError, match=r"\['loss_cls'\] of X"):
+        merge_losses(losses, {"loss_cls": torch.zeros(())}, "X")

@@ -122,7 +122,7 @@ def test_ensure_reuses_and_repairs(datasets_dir, monkeypatch):
     open(os.path.join(root, "JPEGImages", "stale.jpg"), "w").close()
     assert ensure_shapes(SPEC) == root and calls == ["train", "test"]
     assert not os.path.exists(os.path.join(root, "JPEGImages", "stale.jpg"))
-    assert [p for p in os.listdir(datasets_dir) if p.startswith(".tmp")] == []
+    assert [p for p in os.listdir(datasets_dir) if p.endswith(".tmp")] == []  # the one temp naming: .<name>.<random>.tmp
 
 
 def _child(log_path: str, out_q) -> None:

@@ -5,13 +5,15 @@ where an uninterrupted run ends (the long variant of tests/test_reliability.py).
     python tools/kill_resume_check.py                    # 5 trials, up to 3 kills each, tiny 10+10 run
     python tools/kill_resume_check.py --trials 10 --kills 4 --seed 1
     python tools/kill_resume_check.py --config-file configs/Shapes/clclip_10+10.yaml
+    python tools/kill_resume_check.py --trials 6 --kills 3 --tasks 5+5+5+5   # a 4-task run
 
 Each run is `tools/train_net.py` in deterministic mode on CPU with a tiny random-weight CLIP on a
 small Shapes set (generated in a temporary CLCL_DATASETS), so the whole check takes minutes. The
 reference run is timed; every trial starts the same run, kills it after a uniformly random share
 of that time, restarts it with `--resume` (killing it again up to --kills times), lets it finish,
 and compares every task's final weights (bit for bit), metrics and the stage summary with the
-reference. Exit status 0 = every trial identical.
+reference, and that no temporary file of an interrupted write (`.<name>.<random>.tmp`) is left.
+Exit status 0 = every trial identical.
 """
 import argparse
 import json
@@ -26,9 +28,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from clcl_det.config.tiny_run import tiny_run_overrides
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from clcl_det.config.tiny_run import tiny_run_overrides  # noqa: E402
+from clcl_det.utils.checkpoint import leftover_temp_files  # noqa: E402  (the one temp-file naming)
 # the tiny run of the tests (random CLIP weights, small sizes, 2 checkpoints per task), 6 iterations
 TINY = tiny_run_overrides({"SOLVER.MAX_ITER": 6, "SOLVER.LOG_PERIOD": 1, "DETERMINISTIC": True})
 
@@ -97,8 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=3, help="most SIGKILLs per trial (1..kills, random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--tasks", default="", help="CONTINUAL.TASKS of every run, e.g. 5+5+5+5 (default: the config's)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="more KEY VALUE overrides for every run")
     args = p.parse_args(argv)
+    if args.tasks:
+        args.opts = ["CONTINUAL.TASKS", args.tasks] + list(args.opts)
     rng = random.Random(args.seed)
     work = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="kill_resume_")
     os.makedirs(work, exist_ok=True)
@@ -131,8 +137,8 @@ def main(argv=None) -> int:
             where = _last_line(log)
         rc = _run(_command(args.config, out, True, args.opts), env, log)
         diff = ["exit code %s" % rc] if rc != 0 else _same(expected, _final(out))
-        half = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
-        diff += [f"left {len(half)} .tmp file(s)"] if half else []
+        half = leftover_temp_files(out)
+        diff += [f"left {len(half)} temporary file(s)"] if half else []
         failures += bool(diff)
         print(f"| {trial} | {', '.join(map(str, times)) or '-'} | {where.replace('|', '/')} | {len(times)} | "
               f"{'yes' if not diff else 'NO: ' + ', '.join(diff)} |", flush=True)

@@ -1,18 +1,19 @@
 """The continual run: tasks 1..T in one process group, resumable at any point.
 
 OUTPUT_DIR/
-  config.yaml                 the run's config (checked against the config of a --resume)
+  config.yaml                 the config the run was started with (a --resume must match it)
   task_<t>/                   t = 1..T
+    config.yaml               the config this task was trained with
     model_<iter>.pth          periodic checkpoints (model, optimizer, scheduler, iteration)
     model_final.pth           the model after task t and its between-task steps
     metrics.json              stage results (written last: the task is complete)
     per_class.txt             the per-class table
   summary.json / .txt / .png  every completed stage; summary_tasks.png the task x stage heat-map
+  eval_<n>/                   one --eval-only evaluation: config.yaml, task_<t>/metrics.json, summary
 """
 from __future__ import annotations
 
 import copy
-import glob
 import logging
 import os
 import time
@@ -29,16 +30,25 @@ from ..modeling import build_model
 from ..utils import comm
 from ..utils.errors import UserError
 from ..utils.seed import derive_seed
-from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
+from ..utils.checkpoint import (CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file,
+                                remove_leftover_temp_files)
 from ..engine.evaluate import evaluate_stage, write_summary
 from . import lifecycle
 
-__all__ = ["ContinualRunner", "RunStateError"]
+__all__ = ["ContinualRunner", "RunStateError", "IDENTITY_EXCLUDED", "config_differences"]
 
 logger = logging.getLogger(__name__)
 
-# keys whose change makes a run in OUTPUT_DIR a different experiment
-_IDENTITY_NODES = ("MODEL", "CONTINUAL", "DATASETS", "INPUT", "SEED")
+# The config keys a --resume may change: none of them changes what the run computes. Every other key
+# (MODEL, SOLVER, DATASETS, INPUT, CONTINUAL, TEST, SEED, ...) must equal the run's config.yaml.
+IDENTITY_EXCLUDED = {
+    "OUTPUT_DIR": "where the run is kept; a moved folder holds the same run",
+    "SOLVER.LOG_PERIOD": "how often a log line is printed",
+    "SOLVER.CHECKPOINT_PERIOD": "where a resume may start; a resumed run sees the batches of an uninterrupted one",
+    "DATALOADER.NUM_WORKERS": "speed only: every training batch is a function of (SEED, task, iteration)",
+    "CONTINUAL.TRAIN_TASKS": "how many tasks to train now; raising it continues the same run",
+    "MODEL.CLIP.TINY.EVAL_PERIOD": "quality measurements of tools/pretrain_tiny_clip.py",
+}
 
 
 class RunStateError(UserError, RuntimeError):
@@ -53,6 +63,12 @@ def _flat(cfg: Any, prefix: str = "") -> Dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def config_differences(old: Any, new: Any) -> List[str]:
+    """Keys (outside IDENTITY_EXCLUDED) whose value differs between two configs, as 'KEY: old -> new'."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if k in a and k not in IDENTITY_EXCLUDED and a[k] != b[k]]
 
 
 class ContinualRunner:
@@ -99,14 +115,11 @@ class ContinualRunner:
         cfg_path = os.path.join(self.out, "config.yaml")
         has_run = any(self.status(t) != "new" for t in range(self.split.num_tasks))
         if os.path.isfile(cfg_path) and (self.resume or has_run):
-            old = _flat(CfgNode.load_yaml_with_base(cfg_path) or {})
-            new = _flat(self.cfg)
-            diff = [k for k in new if k.split(".")[0] in _IDENTITY_NODES and k in old and old[k] != new[k]]
-            if diff and (self.resume or has_run):
-                shown = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff[:4])
+            diff = config_differences(CfgNode.load_yaml_with_base(cfg_path) or {}, self.cfg)
+            if diff:
                 raise RunStateError(
-                    f"OUTPUT_DIR {self.out} holds a run of a different config ({shown}"
-                    f"{', ...' if len(diff) > 4 else ''}); use another OUTPUT_DIR"
+                    f"OUTPUT_DIR {self.out} holds a run of a different config ({', '.join(diff[:4])}"
+                    f"{f', ... {len(diff)} keys in all' if len(diff) > 4 else ''}); use another OUTPUT_DIR"
                 )
         if has_run and not self.resume:
             raise RunStateError(
@@ -114,9 +127,9 @@ class ContinualRunner:
                 f"OUTPUT_DIR (nothing was overwritten)"
             )
         if comm.is_main_process():
-            atomic_write_bytes(cfg_path, self.cfg.dump().encode())
-            for tmp in glob.glob(os.path.join(self.out, "**", ".*.tmp"), recursive=True):
-                os.remove(tmp)  # left by a process killed while writing; the real files are intact
+            remove_leftover_temp_files(self.out)  # left by a process killed while writing
+            if not (self.resume and os.path.isfile(cfg_path)):  # a resume keeps the config the run began with
+                atomic_write_bytes(cfg_path, self.cfg.dump().encode())
 
     # -- data ------------------------------------------------------------------------------------
     def train_dicts(self) -> List[Dict[str, Any]]:
@@ -144,15 +157,22 @@ class ContinualRunner:
         if t is not None and ckpt.get("task") != t:
             raise CheckpointError(f"checkpoint {path} is from task {ckpt.get('task', -1) + 1}, expected task {t + 1}")
 
+    def _load_weights(self, path: str, state: Dict[str, Any]) -> None:
+        """Load `state` into the model; a missing or unexpected key is refused in one line naming a few."""
+        incompatible = self.model.load_state_dict(state, strict=False)
+        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+        if missing or unexpected:
+            def few(keys: List[str]) -> str:
+                return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            raise CheckpointError(f"{path} does not fit the model of this config: missing keys {few(missing)}, "
+                                  f"unexpected keys {few(unexpected)}")
+        logger.info(f"loaded {path}")
+
     def load_final(self, t: int) -> None:
         path = self.final_path(t)
         ckpt = load_checkpoint_file(path)
         self._check_meta(path, ckpt, t)
-        incompatible = self.model.load_state_dict(ckpt["model"], strict=False)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            raise CheckpointError(f"{path} does not fit the model: missing {incompatible.missing_keys[:5]}, "
-                                  f"unexpected {incompatible.unexpected_keys[:5]}")
-        logger.info(f"loaded {path}")
+        self._load_weights(path, ckpt["model"])
 
     def _needs_teacher(self) -> bool:
         mode = self.cfg.CONTINUAL.TEACHER
@@ -169,6 +189,9 @@ class ContinualRunner:
         t = task.index
         dicts = self.split.task_train_dicts(self.train_dicts(), t)
         cfg = task_schedule(self.cfg, len(dicts))  # SOLVER.EPOCHS: the budget follows the task's images
+        task_cfg = os.path.join(self.task_dir(t), "config.yaml")
+        if comm.is_main_process() and not os.path.isfile(task_cfg):  # a resumed task keeps its first config
+            atomic_write_bytes(task_cfg, self.cfg.dump().encode())
         logger.info(f"task {t + 1}/{self.split.num_tasks}: classes {task.start + 1}-{task.stop} "
                     f"({', '.join(task.new_class_names)}); {len(dicts)} training images, "
                     f"{cfg.SOLVER.MAX_ITER} iterations")
@@ -188,6 +211,16 @@ class ContinualRunner:
         if comm.is_main_process():
             DetectionCheckpointer(self.model, self.task_dir(t)).save("model_final", **self._meta(t, "final"))
         comm.synchronize()
+
+    def classes_without_training_images(self, t: int) -> List[str]:
+        """Names of task t's new classes that no training image of the task shows (warned)."""
+        task = self.split.task(t)
+        shown = {a["category_id"] for d in self.split.task_train_dicts(self.train_dicts(), t) for a in d["annotations"]}
+        missing = [task.all_class_names[c] for c in task.new_classes if c not in shown]
+        if missing:
+            logger.warning(f"task {t + 1}: {len(missing)} class(es) without a training image in "
+                           f"{list(self.cfg.DATASETS.TRAIN)}: {', '.join(missing)} (they are learned from nothing)")
+        return missing
 
     def _begin_task(self, t: int) -> None:
         """Grow the model for task t; what it creates is seeded by (SEED, t) alone, so a resumed
@@ -228,15 +261,32 @@ class ContinualRunner:
                 lifecycle.end_task(self.model, task)
             self.model.set_teacher(None)
             del teacher
-            evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t))
+            evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t),
+                           extra={"classes_without_training_images": self.classes_without_training_images(t)})
             write_summary(self.cfg, self.split, self.out)
             logger.info(f"task {t + 1} done in {time.perf_counter() - t0:.0f} s")
         summary = write_summary(self.cfg, self.split, self.out, final=True)
         logger.info(f"run complete in {time.perf_counter() - start:.0f} s; results in {self.out}")
         return summary
 
+    def _new_eval_dir(self) -> str:
+        """A new OUTPUT_DIR/eval_<n> (n = 1, 2, ...): an evaluation never overwrites earlier results."""
+        path = ""
+        if comm.is_main_process():
+            n = 1
+            while True:
+                path = os.path.join(self.out, f"eval_{n}")
+                try:
+                    os.makedirs(path)
+                    break
+                except FileExistsError:
+                    n += 1
+            atomic_write_bytes(os.path.join(path, "config.yaml"), self.cfg.dump().encode())
+        return comm.broadcast_object(path)
+
     def evaluate(self) -> Dict[str, Any]:
-        """Evaluate MODEL.WEIGHTS (its task) or every trained task of OUTPUT_DIR."""
+        """Evaluate MODEL.WEIGHTS (its task) or every trained task of OUTPUT_DIR; the results go to a
+        new OUTPUT_DIR/eval_<n>/ (task_<t>/metrics.json, summary), never over the training-time ones."""
         self.test_dicts()
         if self.cfg.MODEL.WEIGHTS:
             path = self.cfg.MODEL.WEIGHTS
@@ -246,20 +296,26 @@ class ContinualRunner:
             for i in range(t + 1):
                 self._begin_task(i)
                 lifecycle.end_task(self.model, self.split.task(i))
-            self.model.load_state_dict(ckpt["model"], strict=False)
-            out_dir = os.path.join(self.out, "eval")
-            return evaluate_stage(self.cfg, self.model, self.split, self.split.task(t), self.test_dicts(), out_dir)
+            self._load_weights(path, ckpt["model"])
+            out_dir = self._new_eval_dir()
+            logger.info(f"--eval-only: results of {path} go to {out_dir}")
+            stage = evaluate_stage(self.cfg, self.model, self.split, self.split.task(t), self.test_dicts(),
+                                   os.path.join(out_dir, f"task_{t + 1}"))
+            write_summary(self.cfg, self.split, out_dir)
+            return stage
         trained = [t for t in range(self.split.num_tasks) if os.path.isfile(self.final_path(t))]
         if not trained:
             raise RunStateError(f"--eval-only: no trained task in {self.out} (and MODEL.WEIGHTS is empty)")
+        out_dir = self._new_eval_dir()
+        logger.info(f"--eval-only: results of the {len(trained)} trained task(s) go to {out_dir}")
         for t in range(max(trained) + 1):
             task = self.split.task(t)
             self._begin_task(t)
             if t in trained:
                 self.load_final(t)
                 lifecycle.end_task(self.model, task)
-                evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t))
+                evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(),
+                               os.path.join(out_dir, f"task_{t + 1}"))
             else:
                 lifecycle.end_task(self.model, task)
-        return write_summary(self.cfg, self.split, self.out, final=True)
-
+        return write_summary(self.cfg, self.split, out_dir, final=True)

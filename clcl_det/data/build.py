@@ -10,13 +10,19 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..utils import comm
+from ..utils.errors import UserError
 from ..utils.seed import derive_seed
 from .catalog import DatasetCatalog
 from .mapper import DatasetMapper, ImageReadError
 
-__all__ = ["get_detection_dataset_dicts", "build_train_loader", "build_test_loader", "sanitize_dicts"]
+__all__ = ["get_detection_dataset_dicts", "build_train_loader", "build_test_loader", "sanitize_dicts",
+           "EmptyDatasetError"]
 
 logger = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(UserError, ValueError):
+    """A dataset (or a task's share of it) holds no usable image; the message names it."""
 
 
 def sanitize_dicts(dicts: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
@@ -49,7 +55,7 @@ def get_detection_dataset_dicts(names: Sequence[str]) -> List[Dict[str, Any]]:
     for n in names:
         dicts = DatasetCatalog.get(n)
         if not dicts:
-            raise ValueError(f"dataset '{n}' is empty")
+            raise EmptyDatasetError(f"dataset '{n}' is empty (no image with a readable annotation)")
         out += sanitize_dicts(dicts, n)
     return out
 
@@ -112,7 +118,7 @@ def build_train_loader(cfg: Any, dicts: List[Dict[str, Any]], task: int = 0, sta
                        mapper: Optional[Callable] = None) -> DataLoader:
     """An infinite loader of this rank's training batches (lists of mapped dicts)."""
     if not dicts:
-        raise ValueError("no training images for this task (check DATASETS.TRAIN and CONTINUAL.TASKS)")
+        raise EmptyDatasetError(f"no training images for task {task + 1} (check DATASETS.TRAIN and CONTINUAL.TASKS)")
     mapper = mapper or DatasetMapper(cfg, is_train=True)
     ds = _TrainBatches(dicts, mapper, cfg.SOLVER.IMS_PER_BATCH, derive_seed(cfg.SEED), task, start_iter,
                        comm.get_rank(), comm.get_world_size())

@@ -26,7 +26,9 @@ def read_image(file_name: str) -> np.ndarray:
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {file_name}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"unreadable image {file_name}: {e}") from None
+        raise ImageReadError(f"unreadable image {file_name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure (DecompressionBombError, struct.error, ...)
+        raise ImageReadError(f"unreadable image {file_name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 class DatasetMapper:

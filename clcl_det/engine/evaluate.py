@@ -56,9 +56,10 @@ def _run(cfg: Any, model: nn.Module, gt_dicts, class_names, eval_classes) -> Dic
 
 
 def evaluate_stage(cfg: Any, model: nn.Module, split: ContinualSplit, task: Task, gt_dicts: List[Dict[str, Any]],
-                   out_dir: str) -> Dict[str, Any]:
+                   out_dir: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate the seen classes (and, with TEST.ZERO_SHOT, the future ones with the vocabulary
-    grown to every class); write metrics.json and per_class.txt in `out_dir`; print the table."""
+    grown to every class); write metrics.json and per_class.txt in `out_dir`; print the table.
+    `extra` (JSON values) is kept in the stage record's `extra`."""
     names = list(split.class_names)
     seen = list(range(task.num_seen))
     logger.info(f"evaluating task {task.index + 1}: {len(seen)} seen classes on {len(gt_dicts)} test images")
@@ -74,7 +75,8 @@ def evaluate_stage(cfg: Any, model: nn.Module, split: ContinualSplit, task: Task
     key = stage_metric_key(cfg)
     ap_method = "coco" if key == "AP" else cfg.TEST.AP_METHOD
     stage = build_stage(task.index, split.task_ranges(), names, res["per_class"], key, describe_ap(key, ap_method),
-                        zero_shot=zero_shot, extra={"evaluator": {k: v for k, v in res.items() if k != "per_class"}})
+                        zero_shot=zero_shot, extra={"evaluator": {k: v for k, v in res.items() if k != "per_class"},
+                                                   **(extra or {})})
     table = format_stage_table(stage, names)
     logger.info(f"results after task {task.index + 1}/{split.num_tasks}:\n{table}")
     os.makedirs(out_dir, exist_ok=True)
@@ -94,6 +96,12 @@ def write_summary(cfg: Any, split: ContinualSplit, out_dir: str, final: bool = F
         return {}
     summary = summarize_stages(stages, split.class_names, split.task_ranges())
     text = format_summary(summary)
+    empty = {f"task_{s['task'] + 1}": s["extra"]["classes_without_training_images"] for s in stages
+             if s.get("extra", {}).get("classes_without_training_images")}
+    summary["classes_without_training_images"] = empty
+    if empty:
+        text += (f"\n{sum(map(len, empty.values()))} class(es) had no training image: "
+                 + "; ".join(f"{k}: {', '.join(v)}" for k, v in empty.items()))
     write_json(summary, os.path.join(out_dir, "summary.json"))
     atomic_write_bytes(os.path.join(out_dir, "summary.txt"), (text + "\n").encode())
     plot_stages(summary, os.path.join(out_dir, "summary.png"))

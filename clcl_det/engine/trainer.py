@@ -166,6 +166,7 @@ class TaskTrainer:
             t0 = time.perf_counter()
             batch = next(data_iter)
             t1 = time.perf_counter()
+            stats = comm.snapshot_training_statistics(self.model)  # buffers the forward updates ({} in 1 process)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 losses = model(batch)
             self._check_finite(it, losses)
@@ -178,6 +179,7 @@ class TaskTrainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            comm.all_reduce_training_statistics(self.model, stats)  # every process's updates, not rank 0's
             t2 = time.perf_counter()
             for k, v in comm.reduce_dict({k: v.detach() for k, v in losses.items()}).items():
                 self.history.setdefault(k, HistoryBuffer()).update(float(v))

@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from tabulate import tabulate
+
+from ..utils.checkpoint import atomic_write, atomic_write_bytes
 
 __all__ = [
     "describe_ap", "stage_metrics", "build_stage", "format_stage_table", "summarize_stages",
@@ -378,14 +378,6 @@ def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
     return "\n".join(parts)
 
 
-def _atomic_target(path: str, suffix: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=directory)
-    os.close(fd)
-    return tmp
-
-
 def plot_stages(summary: Mapping[str, Any], path: str) -> None:
     """PNG of mAP@A / mAP@B / mAP@N (and zero-shot mAP if present) per task, written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -409,14 +401,7 @@ def plot_stages(summary: Mapping[str, Any], path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = _atomic_target(path, ".png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_task_matrix(summary: Mapping[str, Any], path: str) -> None:
@@ -472,15 +457,8 @@ def _nan_to_none(obj: Any) -> Any:
 
 def write_json(obj: Any, path: str) -> None:
     """Write `obj` as indented JSON atomically (tmp + rename); NaN becomes ``null``."""
-    tmp = _atomic_target(path, ".json")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    text = json.dumps(_nan_to_none(obj), indent=2, allow_nan=False)
+    atomic_write_bytes(path, text.encode())
 
 
 def read_json(path: str) -> Any:

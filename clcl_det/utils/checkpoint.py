@@ -1,19 +1,24 @@
-"""fvcore's Checkpointer with atomic writes and `weights_only=True` loading."""
+"""fvcore's Checkpointer with atomic writes and `weights_only=True` loading; `atomic_write`, the
+one writer behind every file the project writes whole (checkpoints, config.yaml, metrics, summaries,
+plots, the tiny-CLIP weights). Its temporary files are `.<name>.<random>.tmp` beside the target."""
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import tempfile
-from typing import Any, Dict
+from typing import IO, Any, Callable, Dict, List
 
 import torch
 from fvcore.common.checkpoint import Checkpointer, PeriodicCheckpointer
 
 from .errors import UserError
 
-__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "atomic_write_bytes", "atomic_torch_save",
-           "load_checkpoint_file", "CheckpointError"]
+__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "atomic_write", "atomic_write_bytes", "atomic_torch_save",
+           "load_checkpoint_file", "CheckpointError", "TMP_PATTERN", "leftover_temp_files", "remove_leftover_temp_files"]
+
+TMP_PATTERN = ".*.tmp"  # the name of every temporary file of `atomic_write` (`.<name>.<random>.tmp`)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +40,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call `write(f)` on a binary temporary file beside `path`, fsync it and rename it to `path`:
+    a file under its real name is always complete. On failure the temporary file is removed and the
+    previous `path` is untouched (a full disk raises CheckpointError naming the file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -59,12 +67,30 @@ def _atomic_write(path: str, write) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and `os.replace`: readers never see a partial file."""
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """`torch.save` to `path` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def leftover_temp_files(root: str) -> List[str]:
+    """Temporary files of `atomic_write` under `root` (left by a process killed while writing)."""
+    return sorted(glob.glob(os.path.join(glob.escape(root), "**", TMP_PATTERN), recursive=True))
+
+
+def remove_leftover_temp_files(root: str) -> int:
+    """Delete `leftover_temp_files(root)` (the real files next to them are intact); their count."""
+    found = leftover_temp_files(root)
+    for tmp in found:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+    if found:
+        logger.info(f"removed {len(found)} temporary file(s) of an interrupted write under {root}")
+    return len(found)
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:

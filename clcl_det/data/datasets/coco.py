@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,10 +21,24 @@ class COCOFormatError(UserError, ValueError):
     """A COCO json lacks a required key or holds a malformed entry."""
 
 
-def _require(entry: Dict[str, Any], keys: Sequence[str], what: str, json_file: str) -> None:
+def _require(entry: Any, keys: Sequence[str], what: str, json_file: str) -> None:
+    if not isinstance(entry, dict):
+        raise COCOFormatError(f"{json_file}: a {what} entry is a {type(entry).__name__}, not an object: {str(entry)[:60]}")
     missing = [k for k in keys if k not in entry]
     if missing:
-        raise COCOFormatError(f"{json_file}: {what} {entry.get('id', '?')} lacks key(s) {missing}")
+        raise COCOFormatError(f"{json_file}: {what} {str(entry.get('id', '?'))[:40]} lacks key(s) {missing}")
+
+
+def _bad(json_file: str, what: str, entry: Dict[str, Any], problem: str) -> COCOFormatError:
+    return COCOFormatError(f"{json_file}: {what} {str(entry.get('id', '?'))[:40]} {problem}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _hashable_id(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
 def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -38,16 +54,25 @@ def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[s
             f"(see datasets/README.md) or set CLCL_DATASETS"
         )
     try:
-        with open(json_file) as f:
+        with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise COCOFormatError(f"{json_file} is not valid json: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise COCOFormatError(f"{json_file} is not valid json: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(data, dict):
+        raise COCOFormatError(f"{json_file}: the top level is a {type(data).__name__}, not an object")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise COCOFormatError(f"{json_file} lacks the top-level key '{key}'")
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    for c in cats:
+        if not isinstance(data[key], list):
+            raise COCOFormatError(f"{json_file}: '{key}' is a {type(data[key]).__name__}, not a list")
+    for c in data["categories"]:
         _require(c, ("id", "name"), "category", json_file)
+        if not _hashable_id(c["id"]) or not isinstance(c["name"], str):
+            raise _bad(json_file, "category", c, f"has id {c['id']!r} / name {c['name']!r} (expected a number / a string)")
+    try:
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+    except TypeError:
+        raise COCOFormatError(f"{json_file}: category ids mix numbers and strings") from None
     names = [c["name"] for c in cats]
     if class_names is not None and list(class_names) != names:
         raise COCOFormatError(f"{json_file}: categories {names[:5]}... differ from the registered classes")
@@ -57,9 +82,17 @@ def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[s
     skipped = 0
     for a in data["annotations"]:
         _require(a, ("image_id", "bbox", "category_id"), "annotation", json_file)
-        x, y, w, h = a["bbox"]
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_number, bbox)):
+            raise _bad(json_file, "annotation", a, f"has bbox {str(bbox)[:60]} (expected 4 finite numbers x, y, w, h)")
+        x, y, w, h = bbox
+        if not _hashable_id(a["image_id"]) or not _hashable_id(a["category_id"]):
+            raise _bad(json_file, "annotation", a, f"has image_id {str(a['image_id'])[:40]} / category_id "
+                       f"{str(a['category_id'])[:40]} (expected numbers)")
         if a["category_id"] not in cat_to_contiguous:
             raise COCOFormatError(f"{json_file}: annotation {a.get('id', '?')} has unknown category_id {a['category_id']}")
+        if a.get("iscrowd", 0) not in (0, 1, True, False):
+            raise _bad(json_file, "annotation", a, f"has iscrowd {str(a.get('iscrowd'))[:20]} (expected 0 or 1)")
         if w <= 0 or h <= 0:
             skipped += 1
             continue
@@ -75,6 +108,11 @@ def load_coco_json(json_file: str, image_root: str, class_names: Optional[List[s
     dicts = []
     for img in data["images"]:
         _require(img, ("id", "file_name", "height", "width"), "image", json_file)
+        if not _hashable_id(img["id"]) or not isinstance(img["file_name"], str):
+            raise _bad(json_file, "image", img, f"has id {str(img['id'])[:40]} / file_name {str(img['file_name'])[:40]}")
+        if not all(_number(img[k]) and img[k] > 0 and float(img[k]).is_integer() for k in ("height", "width")):
+            raise _bad(json_file, "image", img, f"has size {str(img['width'])[:20]} x {str(img['height'])[:20]} "
+                       f"(expected positive integers)")
         dicts.append({
             "file_name": os.path.join(image_root, img["file_name"]),
             "image_id": img["id"],

@@ -389,7 +389,7 @@ def ensure_shapes(spec: Optional[ShapesSpec] = None) -> str:
         total = spec.num_train + spec.num_test
         logger.info(f"Generating the Shapes dataset ({spec.num_train} train + {spec.num_test} test images, "
                     f"{spec.image_size} px, seed {spec.seed}) in '{root}' (a few seconds per 1000 images)")
-        tmp = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(root) + "_", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.", suffix=".tmp", dir=parent)  # the one temp naming
         try:
             for sub in ("JPEGImages", "Annotations", "SegmentationClass", os.path.join("ImageSets", "Main")):
                 os.makedirs(os.path.join(tmp, sub))

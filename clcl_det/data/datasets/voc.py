@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Sequence
@@ -62,14 +63,18 @@ def load_voc_instances(dirname: str, split: str, class_names: Sequence[str]) -> 
     dicts: List[Dict[str, Any]] = []
     bad_files: List[str] = []
     unknown: Dict[str, int] = {}
+    bad_boxes = 0
     for img_id in ids:
         anno_file = os.path.join(dirname, "Annotations", f"{img_id}.xml")
         try:
             tree = ET.parse(anno_file)
             size = tree.find("size")
             height, width = int(size.find("height").text), int(size.find("width").text)
-        except (ET.ParseError, OSError, AttributeError, TypeError, ValueError) as e:
-            logger.warning(f"skipping {anno_file}: unreadable annotation ({type(e).__name__}: {e})")
+            if height <= 0 or width <= 0:
+                raise ValueError(f"image size {width} x {height}")
+        except (ET.ParseError, OSError, AttributeError, TypeError, ValueError, RecursionError) as e:
+            logger.warning(f"skipping {anno_file}: unreadable annotation ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})")
             bad_files.append(anno_file)
             continue
         annos = []
@@ -83,8 +88,13 @@ def load_voc_instances(dirname: str, split: str, class_names: Sequence[str]) -> 
             try:
                 bb = obj.find("bndbox")
                 box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if not all(map(math.isfinite, box)):
+                    raise ValueError(f"non-finite coordinate in {box}")
+                difficult = int(obj.findtext("difficult") or 0)
             except (AttributeError, TypeError, ValueError):
-                logger.warning(f"{anno_file}: object '{name}' without a valid bndbox skipped")
+                bad_boxes += 1
+                if bad_boxes == 1:
+                    logger.warning(f"{anno_file}: object '{name}' without a valid bndbox / difficult flag skipped")
                 continue
             box[0] -= 1.0  # VOC pixel indices are 1-based
             box[1] -= 1.0
@@ -92,7 +102,7 @@ def load_voc_instances(dirname: str, split: str, class_names: Sequence[str]) -> 
                 "bbox": box,
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "category_id": class_to_id[name],
-                "difficult": int(obj.findtext("difficult") or 0),
+                "difficult": difficult,
             })
         dicts.append({
             "file_name": os.path.join(dirname, "JPEGImages", f"{img_id}.jpg"),
@@ -105,6 +115,8 @@ def load_voc_instances(dirname: str, split: str, class_names: Sequence[str]) -> 
         logger.warning(f"{dirname} [{split}]: skipped {len(bad_files)} image(s) with unreadable annotations")
     if unknown:
         logger.warning(f"{dirname} [{split}]: skipped objects of unknown classes: {unknown}")
+    if bad_boxes:
+        logger.warning(f"{dirname} [{split}]: skipped {bad_boxes} object(s) without a valid bndbox / difficult flag")
     return dicts
 
 

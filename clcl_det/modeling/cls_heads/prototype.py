@@ -40,6 +40,9 @@ class SemanticPrototypeHead(TextClassifier):
     as softmax(-||t_c - t_j||^2 / init_temperature)). While later tasks train, `anchor_weight` ·
     mean_old (1 - cos(p~_c, p_c)) keeps the old classes' refined prototypes in place."""
 
+    # the EMA of `update_prototypes`, combined over processes by the trainer (utils/comm.py)
+    training_statistics = {"proto_counts": "sum", "prototypes": "weighted:proto_counts"}
+
     @configurable
     def __init__(self, *, embed_dim: int, proto_weight: float = 0.5, momentum: float = 0.99,
                  init_temperature: float = 0.1, anchor_weight: float = 1.0, temperature: float = 50.0,

@@ -62,6 +62,7 @@ class FasterILODDistill(ContinualLoss):
     """RPN distillation + old-class RoI logit distillation (MODEL.DISTILL)."""
 
     needs_teacher = True
+    loss_names = ("loss_ilod_rpn", "loss_ilod_roi")
 
     @configurable
     def __init__(self, *, rpn_weight: float = 1.0, roi_weight: float = 1.0):
@@ -81,8 +82,8 @@ class FasterILODDistill(ContinualLoss):
         s_logits = outputs["roi"]["logits"]
         s_old = torch.cat([s_logits[:, :k_old], s_logits[:, -1:]], dim=1)
         rpn = rpn_distillation(outputs["rpn"]["objectness"], outputs["rpn"]["deltas"], t_obj, t_deltas)
-        return {"loss_distill_rpn": self.rpn_weight * rpn,
-                "loss_distill_roi": self.roi_weight * logit_distillation(s_old, t_logits)}
+        return {"loss_ilod_rpn": self.rpn_weight * rpn,
+                "loss_ilod_roi": self.roi_weight * logit_distillation(s_old, t_logits)}
 
 
 @CONTINUAL_LOSS_REGISTRY.register()
@@ -92,6 +93,7 @@ class UnbiasedDistill(ContinualLoss):
     objects as background."""
 
     needs_teacher = True
+    loss_names = ("loss_distill_rpn", "loss_distill_roi")
 
     @configurable
     def __init__(self, *, rpn_weight: float = 1.0, roi_weight: float = 0.5, temperature: float = 1.0):

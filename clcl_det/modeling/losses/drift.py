@@ -29,6 +29,7 @@ class FPNDrift(ContinualLoss):
     """L_drift on the simple pyramid + FPN, from task 2 on (MODEL.CLCLIP.DRIFT)."""
 
     needs_teacher = True
+    loss_names = ("loss_drift",)
 
     @configurable
     def __init__(self, *, mode: str = "feature", weight: float = 1.0):

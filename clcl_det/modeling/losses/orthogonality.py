@@ -27,6 +27,8 @@ def orthogonality_loss(maps: Tensor) -> Tensor:
 class Orthogonality(ContinualLoss):
     """L_orth over the multi-expert head's pathway maps (MODEL.CLCLIP.ORTH_WEIGHT)."""
 
+    loss_names = ("loss_orth",)
+
     @configurable
     def __init__(self, *, weight: float = 0.1):
         super().__init__()

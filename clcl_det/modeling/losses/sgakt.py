@@ -67,6 +67,8 @@ class SGAKTDistill(ContinualLoss):
     snapshots). `loss_sgakt` = weight · task index · T² · KL(softmax(teacher/T) || softmax(student/T))
     over [old classes, background], T = 20, mean over RoIs (T² is Hinton's gradient scaling)."""
 
+    loss_names = ("loss_sgakt",)
+
     @configurable
     def __init__(self, *, temperature: float = 20.0, weight: float = 1.0, attention_temperature: float = 0.1,
                  relevance: str = "max"):

@@ -13,7 +13,7 @@ from ..backbone.build import build_backbone
 from ..clip.factory import build_clip
 from ..context import HeadContext
 from ..continual_module import ContinualModule
-from ..losses.build import LossInputs, TeacherOutputs, build_continual_losses
+from ..losses.build import LossInputs, TeacherOutputs, build_continual_losses, check_loss_names, merge_losses
 from ..proposal_generator.build import build_proposal_generator
 from ..roi_heads.build import build_roi_heads
 from ..text import TextEncoder
@@ -55,6 +55,7 @@ class FViT(ContinualModule):
         self.roi_heads = build_roi_heads(cfg, self.backbone.out_channels, self.backbone.level_names,
                                          self.backbone.embed_dim)
         self.continual_losses = build_continual_losses(cfg)
+        check_loss_names(self)  # two modules returning one loss name are refused here, naming both
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1), persistent=False)
         self.register_buffer("class_embeddings", torch.zeros(0, self.backbone.embed_dim), persistent=False)
@@ -168,12 +169,13 @@ class FViT(ContinualModule):
         seeds = [x.get("seed") for x in batched_inputs]
         proposals, losses, rpn_raw = self.proposal_generator(images, features, targets, seeds)
         roi_losses, roi_out = self.roi_heads(features, proposals, ctx, targets, seeds)
-        losses.update(roi_losses)
+        merge_losses(losses, roi_losses, "the RoI heads")
         outputs = LossInputs(backbone=bb, ctx=ctx, rpn=rpn_raw, roi=roi_out, images=images, proposals=proposals,
                              targets=targets)
         teacher = TeacherOutputs(self.teacher, outputs) if self.teacher is not None else None
-        for loss in self.continual_losses:
-            losses.update(loss(self, outputs, batched_inputs, teacher))
+        for i, loss in enumerate(self.continual_losses):
+            merge_losses(losses, loss(self, outputs, batched_inputs, teacher),
+                         f"{type(loss).__name__} (continual_losses.{i})")
         return losses
 
     @staticmethod

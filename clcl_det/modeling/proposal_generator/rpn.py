@@ -22,6 +22,8 @@ class RPN(RegionProposalNetwork):
     """forward(images, features, targets, seeds) -> (proposals per image, losses, raw) where raw
     holds the per-level objectness and deltas of the head."""
 
+    loss_names = ("loss_rpn_cls", "loss_rpn_loc")  # checked against the other modules' (losses/build.py)
+
     def __init__(self, cfg: Any, in_channels: int, strides: Sequence[int]):
         sizes = [tuple(s) for s in cfg.MODEL.ANCHOR_GENERATOR.SIZES]
         ratios = [tuple(r) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS]

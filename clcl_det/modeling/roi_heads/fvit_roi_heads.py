@@ -61,6 +61,8 @@ class FViTRoIHeads(ContinualModule):
     t > 1 is trained towards "background or any old class" (`ctx.background_absorbs`), so
     unlabelled old objects in the new task's images are not taught as background."""
 
+    loss_names = ("loss_cls", "loss_box_reg")  # with the cls head's extras; checked in losses/build.py
+
     @configurable
     def __init__(self, *, in_channels: int, level_names: Sequence[str], embed_dim: int, cls_head: ClsHead,
                  pooler_resolution: int = 7, sampling_ratio: int = 2, num_conv: int = 4, conv_dim: int = 256,
