@@ -433,14 +433,7 @@ def plot_task_matrix(summary: Mapping[str, Any], path: str) -> None:
     ax.set_title(f"m{summary['metric']} per task; {summary['ap_definition']}", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    tmp = _atomic_target(path, ".png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _nan_to_none(obj: Any) -> Any:
