@@ -12,6 +12,7 @@ def user_errors() -> Tuple[Type[BaseException], ...]:
     """Exception types whose message says what is wrong and where (no traceback needed)."""
     from ..config import ConfigError
     from ..continual.loop import RunStateError
+    from ..data.catalog import UnknownDatasetError
     from ..data.continual import SplitError
     from ..data.datasets.coco import COCOFormatError
     from ..data.datasets.voc import DatasetMissingError
@@ -20,7 +21,7 @@ def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
 
     return (ConfigError, SplitError, DatasetMissingError, COCOFormatError, ImageReadError, CheckpointError,
-            RunStateError, NonFiniteLossError)
+            RunStateError, NonFiniteLossError, UnknownDatasetError)
 
 
 def _child_error_line(e: BaseException) -> str:
