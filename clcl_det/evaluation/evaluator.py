@@ -340,7 +340,6 @@ class DetectionEvaluatorBase(DatasetEvaluator):
             boxes = p["boxes"].astype(np.float64)
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
             for box, score, label in zip(xywh.tolist(), p["scores"].tolist(), p["labels"].tolist()):
-                results.append({"image_id": key, "category_id": int(label),
-                                "bbox": [round(v, 3) for v in box], "score": round(float(score), 6)})
+                results.append({"image_id": key, "category_id": int(label), "bbox": box, "score": float(score)})
         os.makedirs(self._output_dir, exist_ok=True)
         atomic_write_bytes(os.path.join(self._output_dir, "coco_instances_results.json"), json.dumps(results).encode())
