@@ -67,11 +67,11 @@ def draw(image: torch.Tensor, det: dict, class_names: List[str]) -> torch.Tensor
         return image
     labels = [f"{n} {s:.2f}" for n, s in zip(det["class_names"], det["scores"].tolist())]
     colors = [palette[int(c) % len(palette)] for c in det["labels"]]
-    return draw_bounding_boxes(image, det["boxes"], labels=labels, colors=colors, width=1)
+    return draw_bounding_boxes(image, det["boxes"], labels=labels, colors=colors,
+                               width=max(1, round(max(image.shape[1:]) / 200)))
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     if args.run:
         predictor = Predictor.from_run(args.run, task=args.task, opts=args.opts,
                                        score_thresh=args.confidence_threshold)
