@@ -50,7 +50,7 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
                         help="python module or .py file imported in every process before building "
                              "(registers user methods); repeatable")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+                        help="config overrides as KEY VALUE pairs (or KEY=VALUE), e.g. SOLVER.MAX_ITER 100")
     return parser
 
 
