@@ -28,6 +28,7 @@ setup(
         "tabulate>=0.9",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        "tensorboard>=2.10",
     ],
     extras_require={"dev": ["pytest>=7.0"]},
 )

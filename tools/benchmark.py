@@ -4,6 +4,12 @@
     python tools/benchmark.py clclip               # CL-CLIP / F-ViT inference, ViT-B-16 at 640 px, 20 and 80 classes
     python tools/benchmark.py clclip --size 320 --classes 20
     python tools/benchmark.py clclip MODEL.CLCLIP.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
+    python tools/benchmark.py train                # training iterations/s and peak memory, VOC 10+10 task 1
+    python tools/benchmark.py train --iters 20 SOLVER.IMS_PER_BATCH 16 SOLVER.AMP_DTYPE bfloat16
+
+`train` runs the trainer (TaskTrainer: the config's optimizer, AMP, accumulation) of
+configs/VOC/clclip_10+10.yaml (ViT-B-16, random weights, 640 px) on random images with random boxes
+on MODEL.DEVICE (auto: the GPU if there is one), so the same command measures a CPU or a GPU.
 
 F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
 VOC, 80: COCO), both with random ViT-B-16 weights on the same random images.
@@ -72,6 +78,73 @@ def clclip(args: argparse.Namespace) -> None:
         del models
 
 
+def _train_batches(n: int, size: int, num_classes: int, seed: int = 0):
+    """An endless stream of batches of `n` mapped training samples (random pixels, 1-4 random boxes)."""
+    g = torch.Generator().manual_seed(seed)
+    k = 0
+    while True:
+        batch = []
+        for _ in range(n):
+            m = int(torch.randint(1, 5, (), generator=g))
+            xy = torch.rand(m, 2, generator=g) * size * 0.7
+            wh = (0.1 + torch.rand(m, 2, generator=g) * 0.2) * size
+            batch.append({"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
+                          "boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1),
+                          "classes": torch.randint(0, num_classes, (m,), generator=g),
+                          "height": size, "width": size, "image_id": k, "file_name": "", "seed": k})
+            k += 1
+        yield batch
+
+
+def train(args: argparse.Namespace) -> None:
+    import resource
+    import tempfile
+
+    from clcl_det.data.datasets import VOC_CLASSES
+    from clcl_det.engine import TaskTrainer
+    from clcl_det.engine.hooks import HookBase
+
+    torch.set_num_threads(args.threads)
+    warmup = 1
+    cfg = setup_cfg(os.path.join(REPO, "configs", args.config), [
+        "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple", "INPUT.IMAGE_SIZE", str(args.size),
+        "SOLVER.MAX_ITER", str(args.iters + warmup), "SOLVER.CHECKPOINT_PERIOD", "100000000",
+        "SOLVER.LOG_PERIOD", str(args.iters + warmup), "HOOKS", "[]", *args.opts])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    names = tuple(VOC_CLASSES)
+    model.begin_task(Task(0, 0, 10, names[:10], names))
+    dev = model.device
+    per_step = cfg.SOLVER.IMS_PER_BATCH // cfg.SOLVER.ACCUM_STEPS
+
+    class Clock(HookBase):
+        times: List[float] = []
+
+        def after_step(self) -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = TaskTrainer(cfg, model, lambda start: _train_batches(per_step, args.size, 10), tmp, hooks=[clock])
+        trainer.train()
+    timed = clock.times[-1] - clock.times[warmup - 1]
+    its = args.iters / timed
+    if dev.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA (max_memory_allocated)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (whole process)"
+    amp = f"AMP {cfg.SOLVER.AMP_DTYPE}" if trainer.use_amp else "fp32"
+    print(f"train {args.config} (ViT-B-16 random weights), {args.size} px, batch {cfg.SOLVER.IMS_PER_BATCH}"
+          f"{f' in {cfg.SOLVER.ACCUM_STEPS} micro-batches' if cfg.SOLVER.ACCUM_STEPS > 1 else ''}, {amp}, "
+          f"device {dev}{'' if dev.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}")
+    print(f"  {args.iters} timed iterations after {warmup} warm-up: {its:.3f} it/s "
+          f"({its * cfg.SOLVER.IMS_PER_BATCH:.2f} images/s), peak memory {peak}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -83,6 +156,13 @@ def main(argv=None) -> int:
     c.add_argument("--threads", type=int, default=torch.get_num_threads())
     c.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the CL-CLIP model")
     c.set_defaults(func=clclip)
+    t = sub.add_parser("train", help="training iterations/s and peak memory (VOC 10+10 task 1)")
+    t.add_argument("--config", default="VOC/clclip_10+10.yaml", help="config under configs/")
+    t.add_argument("--size", type=int, default=640)
+    t.add_argument("--iters", type=int, default=10, help="timed iterations (after one warm-up iteration)")
+    t.add_argument("--threads", type=int, default=torch.get_num_threads())
+    t.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (e.g. SOLVER.IMS_PER_BATCH 16)")
+    t.set_defaults(func=train)
     args = p.parse_args(argv)
     args.func(args)
     return 0

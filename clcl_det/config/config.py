@@ -13,7 +13,7 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 from .errors import UserError
 
 __all__ = ["CfgNode", "ConfigError", "get_cfg", "configurable", "resolve_config_path", "register_config",
-           "config_adders"]
+           "config_adders", "split_key_value_overrides"]
 
 
 class ConfigError(UserError, ValueError):
@@ -84,6 +84,21 @@ def _walk_and_check(default: "CfgNode", loaded: dict, prefix: str, root: "CfgNod
             )
 
 
+def split_key_value_overrides(opts: Iterable[str]) -> List[str]:
+    """Overrides as KEY VALUE pairs; a `KEY=VALUE` item (as Hydra/mmdetection users write them)
+    becomes the pair KEY VALUE."""
+    out: List[str] = []
+    for item in opts:
+        item = str(item)
+        key, eq, value = item.partition("=")
+        # only at a key position: a value may contain '=' itself
+        if eq and len(out) % 2 == 0 and key and all(p.isidentifier() for p in key.split(".")):
+            out += [key, value]
+        else:
+            out.append(item)
+    return out
+
+
 class CfgNode(_FvCfgNode):
     """fvcore's CfgNode (yacs + `_BASE_`) with one-line errors naming the key, the file and the
     closest valid key; YAML only (never code)."""
@@ -110,6 +125,7 @@ class CfgNode(_FvCfgNode):
         self._assign(loaded)
 
     def merge_from_list(self, cfg_list: List[str]) -> None:
+        cfg_list = split_key_value_overrides(cfg_list)
         if len(cfg_list) % 2 != 0:
             raise ConfigError(f"Overrides must be KEY VALUE pairs, got an odd number of items: {cfg_list}")
         nested: dict = {}
@@ -191,19 +207,24 @@ def resolve_config_path(path: str, search_dirs: Optional[Iterable[str]] = None) 
         if os.path.isfile(cand):
             return cand
     base = os.path.basename(path)
+    sub = os.path.dirname(path)
+    if sub.startswith("configs" + os.sep) or sub == "configs":
+        sub = sub[len("configs"):].lstrip(os.sep)
     found = []
-    for d in dirs:
-        for dirpath, _, files in os.walk(d):
-            if base in files:
-                found.append(os.path.join(dirpath, base))
+    if not sub:  # a bare file name: unique anywhere under configs/
+        for d in dirs:
+            for dirpath, _, files in os.walk(d):
+                if base in files:
+                    found.append(os.path.join(dirpath, base))
     found = sorted({os.path.realpath(f) for f in found})
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise ConfigError(f"Config '{path}' is ambiguous: " + ", ".join(found))
-    all_cfgs = [os.path.relpath(os.path.join(dp, f), d) for d in dirs if os.path.isdir(d)
-                for dp, _, fs in os.walk(d) for f in fs if f.endswith(".yaml")]
-    hint = difflib.get_close_matches(path, all_cfgs, n=1, cutoff=0.5)
+    all_cfgs = sorted({os.path.relpath(os.path.join(dp, f), d) for d in dirs if os.path.isdir(d)
+                       for dp, _, fs in os.walk(d) for f in fs if f.endswith(".yaml")})
+    wanted = os.path.join(sub, base) if sub else path
+    hint = difflib.get_close_matches(wanted, all_cfgs, n=1, cutoff=0.5)
     raise ConfigError(f"Config file '{path}' not found" + (f"; did you mean 'configs/{hint[0]}'?" if hint else ""))
 
 

@@ -18,6 +18,7 @@ _C.OUTPUT_DIR = "./output/default"  # where task_<t>/ folders, logs and the summ
 _C.SEED = 0  # global seed; every random stream derives from it (utils/seed.py); negative = one random seed, logged
 _C.DETERMINISTIC = False  # torch.use_deterministic_algorithms + single-threaded data order (bit-identical CPU runs)
 _C.PLUGINS = []  # python modules or .py files imported (in every worker) before building: user registrations
+_C.HOOKS = ["TensorBoardWriter"]  # HOOK_REGISTRY entries the trainer runs (clcl_det/engine/hooks.py); plugins register more
 
 # ---------------------------------------------------------------------------------------------
 _C.DATASETS = CN()
@@ -37,6 +38,7 @@ _C.CONTINUAL.TASKS = "10+10"  # task string: class counts per task, e.g. 19+1, 1
 _C.CONTINUAL.CLASS_ORDER = []  # class names in learning order; empty = the dataset's order
 _C.CONTINUAL.IMAGE_FILTER = "contains_current"  # contains_current | exclusive (drop images with other tasks' classes) | non_cooccurrence (IOR: task t>1 drops images with earlier tasks' classes)
 _C.CONTINUAL.TRAIN_TASKS = 0  # train only the first N tasks (0 = all); later classes are evaluated zero-shot
+_C.CONTINUAL.START_TASK = 0  # first task to train (1-based) when MODEL.WEIGHTS holds task START_TASK-1's model; 0 = the task after MODEL.WEIGHTS' (or 1)
 _C.CONTINUAL.TEACHER = "auto"  # keep the previous task's frozen model: auto (if a loss needs it) | always | never
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True  # drop training images without a 
 _C.MODEL = CN()
 _C.MODEL.META_ARCHITECTURE = "FViT"  # META_ARCH_REGISTRY entry
 _C.MODEL.DEVICE = "auto"  # auto (cuda if available) | cpu | cuda
-_C.MODEL.WEIGHTS = ""  # checkpoint to initialise the detector from (not CLIP weights)
+_C.MODEL.WEIGHTS = ""  # detector checkpoint (a task_<t>/model_final.pth): --eval-only evaluates it; training starts after its task (CONTINUAL.START_TASK)
 _C.MODEL.PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation mean (RGB, 0..1)
 _C.MODEL.PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)  # CLIP normalisation std (RGB, 0..1)
 
@@ -169,7 +171,11 @@ _C.SOLVER.GAMMA = 0.1  # multistep decay factor
 _C.SOLVER.WARMUP_ITERS = 50  # linear warm-up iterations
 _C.SOLVER.WARMUP_FACTOR = 0.01  # lr factor at iteration 0 of the warm-up
 _C.SOLVER.CLIP_GRAD_NORM = 1.0  # max gradient norm (<= 0 disables)
-_C.SOLVER.AMP = True  # mixed precision on CUDA (ignored on CPU)
+_C.SOLVER.AMP = True  # mixed precision: on CUDA; on CPU only with AMP_DTYPE bfloat16 (float16 is ignored there)
+_C.SOLVER.AMP_DTYPE = "float16"  # autocast dtype: float16 (with a GradScaler) | bfloat16 (no scaler; CUDA or CPU)
+_C.SOLVER.ACCUM_STEPS = 1  # gradient accumulation: each iteration = ACCUM_STEPS micro-batches of IMS_PER_BATCH/ACCUM_STEPS images
+_C.SOLVER.SCALE_SCHEDULE = False  # with REFERENCE_BATCH > 0 also divide MAX_ITER, WARMUP_ITERS, absolute STEPS and CHECKPOINT_PERIOD / EVAL_PERIOD by IMS_PER_BATCH/REFERENCE_BATCH (detectron2 auto_scale_workers)
+_C.SOLVER.FIND_UNUSED_PARAMETERS = "auto"  # DDP find_unused_parameters: auto (on if a probe iteration leaves a trainable parameter without gradient) | on | off
 _C.SOLVER.CHECKPOINT_PERIOD = 500  # iterations between periodic checkpoints
 _C.SOLVER.LOG_PERIOD = 20  # iterations between log lines
 
@@ -178,4 +184,4 @@ _C.TEST = CN()
 _C.TEST.AP_METHOD = "voc07"  # headline VOC AP definition: voc07 (11-point) | area; both are computed
 _C.TEST.ZERO_SHOT = True  # also evaluate not-yet-learned classes zero-shot after each task
 _C.TEST.IMS_PER_BATCH = 8  # images per inference batch per process
-_C.TEST.EVAL_PERIOD = 0  # evaluate every N iterations inside a task (0 = only at task end)
+_C.TEST.EVAL_PERIOD = 0  # also evaluate the seen classes every N iterations inside a task, into task_<t>/eval_iter_<n>/ (0 = only at task end)

@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from ..config import CfgNode
+from ..config import CfgNode, ConfigError
 from ..data import build_continual_split, build_test_loader, build_train_loader, get_detection_dataset_dicts
+from ..data.catalog import check_registered
 from ..data.continual import ContinualSplit, Task
 from ..data.datasets import configure_datasets
 from ..engine.defaults import seed_all_rng
@@ -34,6 +35,7 @@ from ..utils.checkpoint import (CheckpointError, DetectionCheckpointer, atomic_w
                                 remove_leftover_temp_files)
 from ..engine.evaluate import evaluate_stage, write_summary
 from . import lifecycle
+from ..engine.hooks import HookBase, build_hooks
 
 __all__ = ["ContinualRunner", "RunStateError", "IDENTITY_EXCLUDED", "config_differences"]
 
@@ -79,6 +81,8 @@ class ContinualRunner:
         self.cfg = cfg
         self.resume = resume
         configure_datasets(cfg)
+        check_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
         self.split: ContinualSplit = build_continual_split(cfg)
         self._model: Optional[nn.Module] = None
         self.out = cfg.OUTPUT_DIR
@@ -88,6 +92,18 @@ class ContinualRunner:
         if not 0 < n <= self.split.num_tasks:
             raise ValueError(f"CONTINUAL.TRAIN_TASKS {n} is not within 1..{self.split.num_tasks}")
         self.num_train_tasks = n
+        self.hooks: List[HookBase] = []
+        self.register_hooks(build_hooks(cfg))
+
+    def register_hooks(self, hooks: List[HookBase]) -> None:
+        """Add hooks (HookBase) to the ones of cfg.HOOKS; call before `run()`."""
+        for h in hooks:
+            h.runner = self
+        self.hooks.extend(hooks)
+
+    def call_hooks(self, name: str, *args: Any) -> None:
+        for h in self.hooks:
+            getattr(h, name)(*args)
 
     @property
     def model(self) -> nn.Module:
@@ -168,8 +184,8 @@ class ContinualRunner:
                                   f"unexpected keys {few(unexpected)}")
         logger.info(f"loaded {path}")
 
-    def load_final(self, t: int) -> None:
-        path = self.final_path(t)
+    def load_final(self, t: int, path: Optional[str] = None) -> None:
+        path = path or self.final_path(t)
         ckpt = load_checkpoint_file(path)
         self._check_meta(path, ckpt, t)
         self._load_weights(path, ckpt["model"])
@@ -198,7 +214,9 @@ class ContinualRunner:
         trainer = TaskTrainer(
             cfg, self.model, lambda start: build_train_loader(cfg, dicts, task=t, start_iter=start),
             self.task_dir(t), extra_meta={"label": f"[task {t + 1}/{self.split.num_tasks}] ",
-                                          "checkpoint": self._meta(t, "train")})
+                                          "checkpoint": self._meta(t, "train"),
+                                          "iters_after_task": (self.num_train_tasks - t - 1) * self.cfg.SOLVER.MAX_ITER},
+            hooks=self.hooks)
         if resume_partial:
             path = trainer.checkpointer.get_checkpoint_file()
             ckpt_meta = load_checkpoint_file(path)
@@ -211,6 +229,7 @@ class ContinualRunner:
         if comm.is_main_process():
             DetectionCheckpointer(self.model, self.task_dir(t)).save("model_final", **self._meta(t, "final"))
         comm.synchronize()
+        self.call_hooks("after_task", task)
 
     def classes_without_training_images(self, t: int) -> List[str]:
         """Names of task t's new classes that no training image of the task shows (warned)."""
@@ -236,16 +255,62 @@ class ContinualRunner:
         if upto > 0:
             self.load_final(upto - 1)
 
+    def load_task_model(self, t: int, weights: Optional[str] = None) -> nn.Module:
+        """The model after task `t` (0-based) of a fresh runner: grown and frozen as tasks 1..t+1
+        did, with that task's final weights (task_<t+1>/model_final.pth of OUTPUT_DIR, or `weights`;
+        the checkpoint's split and task are checked). Its vocabulary is the classes seen by then."""
+        if not 0 <= t < self.split.num_tasks:
+            raise ConfigError(f"task {t + 1} is not within 1..{self.split.num_tasks} of CONTINUAL.TASKS "
+                              f"'{self.split.task_string}'")
+        if self.model.task is not None:
+            raise RuntimeError("load_task_model needs a fresh ContinualRunner (its model already has tasks)")
+        for i in range(t + 1):
+            self._begin_task(i)
+            lifecycle.end_task(self.model, self.split.task(i))
+        self.load_final(t, weights)
+        return self.model
+
+    def start_task(self) -> int:
+        """The first task (0-based) this run trains: CONTINUAL.START_TASK - 1, where MODEL.WEIGHTS
+        holds the final model of the task before it (its split is checked); 0 without weights."""
+        weights, start = self.cfg.MODEL.WEIGHTS, self.cfg.CONTINUAL.START_TASK
+        if not weights:
+            if start > 1:
+                raise ConfigError(f"CONTINUAL.START_TASK {start} needs MODEL.WEIGHTS: the model_final.pth of "
+                                  f"task {start - 1}")
+            return 0
+        if not os.path.isfile(weights):
+            raise ConfigError(f"MODEL.WEIGHTS '{weights}' does not exist")
+        ckpt = load_checkpoint_file(weights)
+        self._check_meta(weights, ckpt)
+        t = int(ckpt.get("task", -1))
+        if ckpt.get("stage") != "final":
+            raise CheckpointError(f"MODEL.WEIGHTS {weights} is a mid-task checkpoint of task {t + 1}; training "
+                                  f"starts from a task's model_final.pth (or continue that run with --resume)")
+        start = start or t + 2
+        if start != t + 2:
+            raise CheckpointError(f"MODEL.WEIGHTS {weights} holds the model after task {t + 1}: it starts task "
+                                  f"{t + 2}, not CONTINUAL.START_TASK {start}")
+        if start > self.num_train_tasks:
+            raise ConfigError(f"MODEL.WEIGHTS {weights} holds the model after task {t + 1}: no task is left to "
+                              f"train (CONTINUAL.TASKS '{self.split.task_string}'); use --eval-only to evaluate it")
+        return start - 1
+
     # -- entry points -------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         self._check_output_dir()
         start = time.perf_counter()
+        start_task = self.start_task()
         self.train_dicts(), self.test_dicts()
-        todo = [t for t in range(self.num_train_tasks) if self.status(t) != "evaluated"]
+        todo = [t for t in range(start_task, self.num_train_tasks) if self.status(t) != "evaluated"]
         first = todo[0] if todo else self.num_train_tasks
-        if first > 0:
-            logger.info(f"tasks 1..{first} already complete in {self.out}")
-        self._replay_structure(first)
+        if first > start_task:
+            logger.info(f"tasks {start_task + 1}..{first} already complete in {self.out}")
+        if first == start_task > 0:
+            logger.info(f"starting at task {start_task + 1} from MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS}")
+            self.load_task_model(start_task - 1, self.cfg.MODEL.WEIGHTS)
+        else:
+            self._replay_structure(first)
         needs_teacher = self._needs_teacher()
         for t in range(first, self.num_train_tasks):
             task = self.split.task(t)
@@ -261,8 +326,9 @@ class ContinualRunner:
                 lifecycle.end_task(self.model, task)
             self.model.set_teacher(None)
             del teacher
-            evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t),
-                           extra={"classes_without_training_images": self.classes_without_training_images(t)})
+            stage = evaluate_stage(self.cfg, self.model, self.split, task, self.test_dicts(), self.task_dir(t),
+                                   extra={"classes_without_training_images": self.classes_without_training_images(t)})
+            self.call_hooks("after_evaluation", task, stage, "stage")
             write_summary(self.cfg, self.split, self.out)
             logger.info(f"task {t + 1} done in {time.perf_counter() - t0:.0f} s")
         summary = write_summary(self.cfg, self.split, self.out, final=True)

@@ -114,17 +114,32 @@ def _list_collate(batch: Any) -> Any:
     return batch
 
 
+def _pin_memory(cfg: Any) -> bool:
+    """Page-locked batches only when they go to a GPU."""
+    from ..modeling.meta_arch.build import resolve_device
+
+    return resolve_device(cfg.MODEL.DEVICE).type == "cuda"
+
+
 def build_train_loader(cfg: Any, dicts: List[Dict[str, Any]], task: int = 0, start_iter: int = 0,
                        mapper: Optional[Callable] = None) -> DataLoader:
-    """An infinite loader of this rank's training batches (lists of mapped dicts)."""
+    """An infinite loader of this rank's training batches (lists of mapped dicts) from iteration
+    `start_iter` on. With SOLVER.ACCUM_STEPS = k it yields k micro-batches per iteration, together
+    the same images as one batch of IMS_PER_BATCH."""
     if not dicts:
         raise EmptyDatasetError(f"no training images for task {task + 1} (check DATASETS.TRAIN and CONTINUAL.TASKS)")
     mapper = mapper or DatasetMapper(cfg, is_train=True)
-    ds = _TrainBatches(dicts, mapper, cfg.SOLVER.IMS_PER_BATCH, derive_seed(cfg.SEED), task, start_iter,
+    k = max(int(cfg.SOLVER.ACCUM_STEPS), 1)
+    if cfg.SOLVER.IMS_PER_BATCH % (k * comm.get_world_size()):
+        from ..config import ConfigError
+
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by SOLVER.ACCUM_STEPS "
+                          f"({k}) x the number of processes ({comm.get_world_size()})")
+    ds = _TrainBatches(dicts, mapper, cfg.SOLVER.IMS_PER_BATCH // k, derive_seed(cfg.SEED), task, start_iter * k,
                        comm.get_rank(), comm.get_world_size())
     workers = 0 if cfg.DETERMINISTIC else cfg.DATALOADER.NUM_WORKERS
     return DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_list_collate,
-                      persistent_workers=False, pin_memory=False)
+                      persistent_workers=False, pin_memory=_pin_memory(cfg))
 
 
 class _MappedList(Dataset):
@@ -149,5 +164,5 @@ def build_test_loader(cfg: Any, dicts: List[Dict[str, Any]], mapper: Optional[Ca
     per = (len(dicts) + world - 1) // world
     shard = dicts[rank * per:(rank + 1) * per]
     return DataLoader(_MappedList(shard, mapper), batch_size=cfg.TEST.IMS_PER_BATCH, shuffle=False,
-                      num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=_list_collate)
+                      num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=_list_collate, pin_memory=_pin_memory(cfg))
 

@@ -11,7 +11,16 @@ import types
 from collections import UserDict
 from typing import Any, Callable, Dict, List
 
-__all__ = ["DatasetCatalog", "MetadataCatalog", "Metadata", "BoxMode"]
+from ..utils.errors import UserError
+
+__all__ = ["DatasetCatalog", "MetadataCatalog", "Metadata", "BoxMode", "UnknownDatasetError", "check_registered"]
+
+
+class UnknownDatasetError(UserError, KeyError):
+    """A dataset name (e.g. in DATASETS.TRAIN) is not registered; the message names the closest."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class BoxMode:
@@ -32,7 +41,7 @@ class _DatasetCatalog(UserDict):
     def get(self, name: str) -> List[Dict[str, Any]]:  # type: ignore[override]
         if name not in self:
             hint = difflib.get_close_matches(name, list(self.keys()), n=1)
-            raise KeyError(
+            raise UnknownDatasetError(
                 f"Dataset '{name}' is not registered"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
                 + f" (registered: {', '.join(sorted(self.keys()))})"
@@ -75,3 +84,16 @@ class _MetadataCatalog(UserDict):
 
 DatasetCatalog = _DatasetCatalog()
 MetadataCatalog = _MetadataCatalog()
+
+
+def check_registered(names: Any, config_key: str) -> None:
+    """A one-line `UnknownDatasetError` naming `config_key` and the closest registered name if
+    one of `names` is not in DatasetCatalog."""
+    for name in [names] if isinstance(names, str) else names:
+        if name not in DatasetCatalog:
+            hint = difflib.get_close_matches(name, DatasetCatalog.list(), n=1, cutoff=0.5)
+            raise UnknownDatasetError(
+                f"{config_key}: dataset '{name}' is not registered"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" (registered: {', '.join(sorted(DatasetCatalog.list()))}; register yours in a plugin)"
+            )

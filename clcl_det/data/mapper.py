@@ -58,7 +58,7 @@ class DatasetMapper:
         }
 
     def __call__(self, d: Dict[str, Any], rng: Optional[np.random.Generator] = None) -> Dict[str, Any]:
-        image = read_image(d["file_name"])
+        image = d["image"] if "image" in d else read_image(d["file_name"])  # an RGB uint8 HxWx3 array given in memory
         h, w = image.shape[:2]
         annos = d.get("annotations", [])
         boxes = np.array([a["bbox"] for a in annos], dtype=np.float32).reshape(-1, 4)
@@ -90,7 +90,7 @@ class DatasetMapper:
             "image_id": d["image_id"],
             "height": d.get("height", h),
             "width": d.get("width", w),
-            "file_name": d["file_name"],
+            "file_name": d.get("file_name", ""),
         }
         if rng is not None:
             out["seed"] = int(rng.integers(2**31 - 1))

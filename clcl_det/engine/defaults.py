@@ -19,7 +19,8 @@ from ..utils import comm
 from ..utils.logger import setup_logger
 from ..utils.seed import derive_seed
 
-__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "load_plugins", "seed_all_rng"]
+__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "load_plugins", "seed_all_rng",
+           "auto_scale_schedule"]
 
 logger = logging.getLogger("clcl_det")
 
@@ -50,7 +51,7 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
                         help="python module or .py file imported in every process before building "
                              "(registers user methods); repeatable")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+                        help="config overrides as KEY VALUE pairs (or KEY=VALUE), e.g. SOLVER.MAX_ITER 100")
     return parser
 
 
@@ -103,7 +104,35 @@ def setup_cfg(config_file: str = "", opts: Sequence[str] = (), plugins: Sequence
     if opts:
         cfg.merge_from_list(opts)
     cfg.PLUGINS = names
+    auto_scale_schedule(cfg)
     cfg.freeze()
+    return cfg
+
+
+def auto_scale_schedule(cfg: CfgNode) -> CfgNode:
+    """detectron2's `DefaultTrainer.auto_scale_workers` for a batch: with SOLVER.SCALE_SCHEDULE and
+    REFERENCE_BATCH > 0, a batch s = IMS_PER_BATCH / REFERENCE_BATCH times the reference trains
+    MAX_ITER / s iterations (warm-up, absolute STEPS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD alike),
+    so the run sees as many images; the lr is scaled by s in `build_optimizer`. Applied in place, once
+    (SCALE_SCHEDULE is then False, so a second call or a reloaded config.yaml does not scale again)."""
+    s = cfg.SOLVER
+    if not s.SCALE_SCHEDULE or s.REFERENCE_BATCH <= 0 or s.IMS_PER_BATCH == s.REFERENCE_BATCH:
+        return cfg
+    scale = s.IMS_PER_BATCH / s.REFERENCE_BATCH
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    old = (s.MAX_ITER, s.WARMUP_ITERS)
+    s.MAX_ITER = max(int(round(s.MAX_ITER / scale)), 1)
+    s.WARMUP_ITERS = int(round(s.WARMUP_ITERS / scale))
+    s.STEPS = tuple(m if m < 1 else int(round(m / scale)) for m in s.STEPS)  # fractions of MAX_ITER stay
+    s.CHECKPOINT_PERIOD = max(int(round(s.CHECKPOINT_PERIOD / scale)), 1)
+    if cfg.TEST.EVAL_PERIOD > 0:
+        cfg.TEST.EVAL_PERIOD = max(int(round(cfg.TEST.EVAL_PERIOD / scale)), 1)
+    s.SCALE_SCHEDULE = False  # applied: the dumped config.yaml holds the scaled schedule
+    logger.info(f"SOLVER.SCALE_SCHEDULE: batch {s.IMS_PER_BATCH} = {scale:g} x REFERENCE_BATCH {s.REFERENCE_BATCH}: "
+                f"MAX_ITER {old[0]} -> {s.MAX_ITER}, WARMUP_ITERS {old[1]} -> {s.WARMUP_ITERS}, lr x {scale:g}")
+    if was_frozen:
+        cfg.freeze()
     return cfg
 
 
@@ -135,3 +164,5 @@ def default_setup(cfg: CfgNode, args: Optional[argparse.Namespace] = None) -> No
         if torch.cuda.is_available():
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # inputs are padded to one square canvas: the tuned kernels are reused

@@ -31,52 +31,65 @@ def stage_metric_key(cfg: Any) -> str:
 
 
 def build_evaluator(cfg: Any, gt_dicts: List[Dict[str, Any]], class_names: Sequence[str],
-                    eval_classes: Sequence[int]):
-    """PascalVOCEvaluator or COCOEvaluator, by the test dataset's `evaluator_type`."""
+                    eval_classes: Sequence[int], output_dir: Optional[str] = None):
+    """PascalVOCEvaluator or COCOEvaluator, by the test dataset's `evaluator_type`; with
+    `output_dir` it writes the detections there (coco_instances_results.json)."""
     if _evaluator_type(cfg) == "coco":
-        return COCOEvaluator(gt_dicts, class_names, eval_classes)
+        return COCOEvaluator(gt_dicts, class_names, eval_classes, output_dir=output_dir)
     if cfg.TEST.AP_METHOD not in ("voc07", "area"):
         raise ValueError(f"TEST.AP_METHOD '{cfg.TEST.AP_METHOD}' is not one of voc07 | area")
-    return PascalVOCEvaluator(gt_dicts, class_names, eval_classes, ap_method=cfg.TEST.AP_METHOD)
+    return PascalVOCEvaluator(gt_dicts, class_names, eval_classes, ap_method=cfg.TEST.AP_METHOD,
+                              output_dir=output_dir)
 
 
-def _readable(loader) -> Iterator[List[Dict[str, Any]]]:
-    """Batches without the images that could not be read (they are left out of the metrics)."""
-    for batch in loader:
-        batch = [x for x in batch if not x.get("unreadable")]
-        if batch:
-            yield batch
+class _Readable:
+    """Batches without the images that could not be read (they are left out of the metrics);
+    its length is the loader's, so the progress log can show an ETA."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
+        for batch in self.loader:
+            batch = [x for x in batch if not x.get("unreadable")]
+            if batch:
+                yield batch
 
 
-def _run(cfg: Any, model: nn.Module, gt_dicts, class_names, eval_classes) -> Dict[str, Any]:
-    evaluator = build_evaluator(cfg, gt_dicts, class_names, eval_classes)
+def _run(cfg: Any, model: nn.Module, gt_dicts, class_names, eval_classes,
+         output_dir: Optional[str] = None) -> Dict[str, Any]:
+    evaluator = build_evaluator(cfg, gt_dicts, class_names, eval_classes, output_dir)
     loader = build_test_loader(cfg, gt_dicts)
-    res = inference_on_dataset(model, _readable(loader), evaluator)
+    res = inference_on_dataset(model, _Readable(loader), evaluator)
     return res.get("bbox", {}) if comm.is_main_process() else {}
 
 
 def evaluate_stage(cfg: Any, model: nn.Module, split: ContinualSplit, task: Task, gt_dicts: List[Dict[str, Any]],
-                   out_dir: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Evaluate the seen classes (and, with TEST.ZERO_SHOT, the future ones with the vocabulary
-    grown to every class); write metrics.json and per_class.txt in `out_dir`; print the table.
-    `extra` (JSON values) is kept in the stage record's `extra`."""
+                   out_dir: str, zero_shot: bool = True, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Evaluate the seen classes (and, with TEST.ZERO_SHOT and `zero_shot`, the future ones with the
+    vocabulary grown to every class); write metrics.json, per_class.txt and the seen classes'
+    detections (coco_instances_results.json) in `out_dir`; print the table. `extra` (JSON values) is
+    kept in the stage record's `extra`."""
     names = list(split.class_names)
     seen = list(range(task.num_seen))
     logger.info(f"evaluating task {task.index + 1}: {len(seen)} seen classes on {len(gt_dicts)} test images")
-    res = _run(cfg, model, gt_dicts, names, seen)
-    zero_shot: Optional[Dict[str, Any]] = None
+    res = _run(cfg, model, gt_dicts, names, seen, output_dir=out_dir)
+    zs_res: Optional[Dict[str, Any]] = None
     future = list(task.future_classes)
-    if cfg.TEST.ZERO_SHOT and future:
+    if cfg.TEST.ZERO_SHOT and zero_shot and future:
         logger.info(f"zero-shot evaluation of the {len(future)} classes not learned yet")
         with model.vocabulary(names):
-            zero_shot = _run(cfg, model, gt_dicts, names, future).get("per_class", {})
+            zs_res = _run(cfg, model, gt_dicts, names, future).get("per_class", {})
     if not comm.is_main_process():
         return {}
     key = stage_metric_key(cfg)
     ap_method = "coco" if key == "AP" else cfg.TEST.AP_METHOD
     stage = build_stage(task.index, split.task_ranges(), names, res["per_class"], key, describe_ap(key, ap_method),
-                        zero_shot=zero_shot, extra={"evaluator": {k: v for k, v in res.items() if k != "per_class"},
-                                                   **(extra or {})})
+                        zero_shot=zs_res, extra={"evaluator": {k: v for k, v in res.items() if k != "per_class"},
+                                                 **(extra or {})})
     table = format_stage_table(stage, names)
     logger.info(f"results after task {task.index + 1}/{split.num_tasks}:\n{table}")
     os.makedirs(out_dir, exist_ok=True)

@@ -1,7 +1,9 @@
-"""Training of one task: optimizer, LR schedule, AMP, gradient clipping, periodic atomic
-checkpoints, NaN/inf guard, and log lines with losses, time/iter and ETA."""
+"""Training of one task: optimizer, LR schedule, AMP (fp16 / bf16), gradient accumulation,
+gradient clipping, periodic atomic checkpoints, NaN/inf guard, hooks, and log lines with losses,
+time/iter, the task's ETA and the run's ETA."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -18,8 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils import comm
 from ..utils.checkpoint import DetectionCheckpointer, PeriodicCheckpointer
 from ..utils.errors import UserError
+from .hooks import CallbackHook, HookBase
 
-__all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule"]
+__all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule",
+           "unused_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +93,47 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
 
 
+def unused_parameters(model: nn.Module, batch: Any) -> List[str]:
+    """Names of the trainable parameters that get no gradient from the loss of `batch` (one
+    forward/backward; gradients are cleared and the RNG state restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        losses = model(batch)
+        sum(losses.values()).backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+def _amp_dtype(cfg: Any) -> torch.dtype:
+    name = cfg.SOLVER.AMP_DTYPE
+    if name not in ("float16", "bfloat16"):
+        from ..config import ConfigError
+
+        raise ConfigError(f"SOLVER.AMP_DTYPE '{name}' is not one of float16 | bfloat16")
+    return getattr(torch, name)
+
+
 class TaskTrainer:
     """Runs SOLVER.MAX_ITER iterations of one task on `model` (wrapped in DDP when distributed).
 
-    `data_fn(start_iter)` gives an iterator of this rank's batches from `start_iter` on. The
-    periodic checkpoints (model, optimizer, scheduler, iteration) go to `output_dir`.
+    `data_fn(start_iter)` gives an iterator of this rank's batches from `start_iter` on; with
+    SOLVER.ACCUM_STEPS = k each iteration takes k of them (micro-batches of IMS_PER_BATCH / k images,
+    see `build_train_loader`) and steps the optimizer once on their mean loss. The periodic
+    checkpoints (model, optimizer, scheduler, iteration) go to `output_dir`. `hooks` are
+    `HookBase` objects (or plain functions of the iteration, called after each step).
     """
 
     def __init__(self, cfg: Any, model: nn.Module, data_fn: Callable[[int], Iterable], output_dir: str,
-                 extra_meta: Optional[Dict[str, Any]] = None, hooks: Optional[List[Callable[[int], None]]] = None):
+                 extra_meta: Optional[Dict[str, Any]] = None,
+                 hooks: Optional[List[Any]] = None):
         self.cfg = cfg
         self.model = model
         self.data_fn = data_fn
         self.output_dir = output_dir
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.extra_meta = dict(extra_meta or {})
-        self.hooks = hooks or []
+        self.task_index = int(self.extra_meta.get("checkpoint", {}).get("task", 0))
+        self.hooks: List[HookBase] = [h if isinstance(h, HookBase) else CallbackHook(h) for h in (hooks or [])]
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.checkpointer = DetectionCheckpointer(model, output_dir, save_to_disk=comm.is_main_process(),
@@ -112,9 +141,19 @@ class TaskTrainer:
         self.periodic = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=None,
                                              max_to_keep=2, file_prefix="model")
         self.device = getattr(model, "device", torch.device("cpu"))
-        self.use_amp = bool(cfg.SOLVER.AMP) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = _amp_dtype(cfg)
+        # fp16 autocast on CUDA only; bf16 autocast on CUDA and CPU
+        self.use_amp = bool(cfg.SOLVER.AMP) and (self.device.type == "cuda" or self.amp_dtype == torch.bfloat16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
+                                           and self.device.type == "cuda")
+        self.accum = int(cfg.SOLVER.ACCUM_STEPS)
+        if self.accum < 1:
+            from ..config import ConfigError
+
+            raise ConfigError(f"SOLVER.ACCUM_STEPS must be >= 1, got {self.accum}")
         self.start_iter = 0
+        self.iter = 0
+        self.latest: Dict[str, float] = {}
         self.history: Dict[str, HistoryBuffer] = {}
 
     def resume(self, path: str) -> None:
@@ -123,11 +162,28 @@ class TaskTrainer:
         self.start_iter = int(extra["iteration"]) + 1
         logger.info(f"resuming at iteration {self.start_iter} from {path}")
 
-    def _wrapped(self) -> nn.Module:
+    def _find_unused(self, batch: Any) -> bool:
+        mode = str(self.cfg.SOLVER.FIND_UNUSED_PARAMETERS)
+        if mode not in ("auto", "on", "off"):
+            from ..config import ConfigError
+
+            raise ConfigError(f"SOLVER.FIND_UNUSED_PARAMETERS '{mode}' is not one of auto | on | off")
+        if mode != "auto":
+            return mode == "on"
+        unused = unused_parameters(self.model, batch)
+        flag = torch.tensor([float(bool(unused))], device=self.device if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(flag)
+        if unused:
+            logger.info(f"DDP: {len(unused)} trainable parameter(s) get no gradient (e.g. {unused[0]}); "
+                        f"find_unused_parameters on")
+        return bool(flag.item() > 0)
+
+    def _wrapped(self, first_batch: Any = None) -> nn.Module:
         if comm.get_world_size() == 1:
             return self.model
         dev = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=dev, find_unused_parameters=True)
+        return DistributedDataParallel(self.model, device_ids=dev,
+                                       find_unused_parameters=self._find_unused(first_batch))
 
     def _check_finite(self, it: int, losses: Dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
@@ -142,50 +198,74 @@ class TaskTrainer:
         med = {k: h.median(self.cfg.SOLVER.LOG_PERIOD) for k, h in self.history.items()}
         per_iter = (time.perf_counter() - start_time) / max(done, 1)
         eta = datetime.timedelta(seconds=int(per_iter * (self.max_iter - it - 1)))
+        after = int(self.extra_meta.get("iters_after_task", 0))  # training iterations of the later tasks
+        run_eta = f"  run_eta: {datetime.timedelta(seconds=int(per_iter * (self.max_iter - it - 1 + after)))}" \
+            if after else ""
         loss_str = "  ".join(f"{k}: {v:.4g}" for k, v in med.items() if k.startswith("loss"))
         lr = self.optimizer.param_groups[0]["lr"]
         logger.info(f"{self.extra_meta.get('label', '')}iter: {it + 1}/{self.max_iter}  total_loss: "
                     f"{sum(v for k, v in med.items() if k.startswith('loss')):.4g}  {loss_str}  "
-                    f"time: {iter_time:.3f}  data_time: {data_time:.3f}  lr: {lr:.3g}  eta: {eta}")
+                    f"time: {iter_time:.3f}  data_time: {data_time:.3f}  lr: {lr:.3g}  eta: {eta}{run_eta}")
         if comm.is_main_process():
             with open(os.path.join(self.output_dir, "train_metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"iteration": it, "lr": lr, "time": iter_time, **med}) + "\n")
+                f.write(json.dumps({"task": self.task_index + 1, "iteration": it, "lr": lr, "time": iter_time,
+                                    "data_time": data_time, **med}) + "\n")
+
+    def _step(self, model: nn.Module, it: int, batches: List[Any], params: List[torch.nn.Parameter]) -> Dict[str, float]:
+        """One optimizer step over `batches` (ACCUM_STEPS micro-batches): the mean of their losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: Dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) \
+                else model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    losses = model(batch)
+                self._check_finite(it, losses)
+                total = sum(losses.values()) / len(batches)
+                self.scaler.scale(total).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
+        clip = self.cfg.SOLVER.CLIP_GRAD_NORM
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {k: float(v) for k, v in comm.reduce_dict(sums).items()}
 
     def train(self) -> None:
         if self.start_iter >= self.max_iter:
             return
         os.makedirs(self.output_dir, exist_ok=True)
-        model = self._wrapped()
-        model.train()
-        clip = self.cfg.SOLVER.CLIP_GRAD_NORM
+        self.model.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         data_iter = iter(self.data_fn(self.start_iter))
+        pending = [next(data_iter) for _ in range(self.accum)]
+        model = self._wrapped(pending[0])
+        for h in self.hooks:
+            h.trainer = self
         start = time.perf_counter()
-        logger.info(f"{self.extra_meta.get('label', '')}training iterations {self.start_iter}..{self.max_iter - 1}")
+        logger.info(f"{self.extra_meta.get('label', '')}training iterations {self.start_iter}..{self.max_iter - 1}"
+                    + (f" ({self.accum} accumulated micro-batches each)" if self.accum > 1 else ""))
         for it in range(self.start_iter, self.max_iter):
+            self.iter = it
             t0 = time.perf_counter()
-            batch = next(data_iter)
+            batches = pending if it == self.start_iter else [next(data_iter) for _ in range(self.accum)]
             t1 = time.perf_counter()
+            for h in self.hooks:
+                h.before_step()
             stats = comm.snapshot_training_statistics(self.model)  # buffers the forward updates ({} in 1 process)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                losses = model(batch)
-            self._check_finite(it, losses)
-            total = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            if clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            self.latest = self._step(model, it, batches, params)
             comm.all_reduce_training_statistics(self.model, stats)  # every process's updates, not rank 0's
             t2 = time.perf_counter()
-            for k, v in comm.reduce_dict({k: v.detach() for k, v in losses.items()}).items():
-                self.history.setdefault(k, HistoryBuffer()).update(float(v))
+            for k, v in self.latest.items():
+                self.history.setdefault(k, HistoryBuffer()).update(v)
             if (it + 1) % self.cfg.SOLVER.LOG_PERIOD == 0 or it == self.max_iter - 1 or it == self.start_iter:
                 self._log(it, t1 - t0, t2 - t0, start)
             self.periodic.step(it, **self.extra_meta.get("checkpoint", {}))
-            for hook in self.hooks:
-                hook(it)
+            for h in self.hooks:
+                h.after_step()
         comm.synchronize()

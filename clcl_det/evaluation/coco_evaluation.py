@@ -41,9 +41,10 @@ class COCOEvaluator(DetectionEvaluatorBase):
         class_names: Sequence[str],
         eval_classes: Optional[Sequence[int]] = None,
         max_dets_per_image: int = 100,
+        output_dir: Optional[str] = None,
     ):
         self._max_dets = int(max_dets_per_image)
-        super().__init__(gt_dicts, class_names, eval_classes)
+        super().__init__(gt_dicts, class_names, eval_classes, output_dir=output_dir)
         self._coco_image_ids = {image_id: i + 1 for i, image_id in enumerate(self._gt)}
 
     def _coco_gt(self, image_ids: List[Any]) -> COCO:

@@ -206,8 +206,10 @@ class DetectionEvaluatorBase(DatasetEvaluator):
         gt_dicts: Sequence[Dict[str, Any]],
         class_names: Sequence[str],
         eval_classes: Optional[Sequence[int]] = None,
+        output_dir: Optional[str] = None,
     ):
         super().__init__()
+        self._output_dir = output_dir
         self._class_names = list(class_names)
         num_classes = len(self._class_names)
         if eval_classes is None:
@@ -314,9 +316,30 @@ class DetectionEvaluatorBase(DatasetEvaluator):
                 f"{type(self).__name__}: {duplicates} image(s) were processed more than once; "
                 f"each image is counted once"
             )
+        if self._output_dir:
+            self._write_results(merged)
         if len(merged) < len(self._gt):
             logger.warning(
                 f"{type(self).__name__}: predictions for {len(merged)} of {len(self._gt)} images; "
                 f"metrics cover the processed images only"
             )
         return merged
+
+    def _write_results(self, predictions: Dict[Any, Dict[str, np.ndarray]]) -> None:
+        """`output_dir`/coco_instances_results.json: the evaluated detections in the COCO results
+        format (detectron2's file): image_id, category_id (the class index in `class_names`),
+        bbox [x, y, w, h] in original image pixels, score."""
+        import json
+        import os
+
+        from ..utils.checkpoint import atomic_write_bytes
+
+        results = []
+        for image_id, p in predictions.items():
+            key = image_id.item() if isinstance(image_id, np.generic) else image_id
+            boxes = p["boxes"].astype(np.float64)
+            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+            for box, score, label in zip(xywh.tolist(), p["scores"].tolist(), p["labels"].tolist()):
+                results.append({"image_id": key, "category_id": int(label), "bbox": box, "score": float(score)})
+        os.makedirs(self._output_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(self._output_dir, "coco_instances_results.json"), json.dumps(results).encode())

@@ -183,6 +183,7 @@ class PascalVOCEvaluator(DetectionEvaluatorBase):
         eval_classes: Optional[Sequence[int]] = None,
         ap_method: str = "voc07",
         iou_thresh: float = 0.5,
+        output_dir: Optional[str] = None,
     ):
         if ap_method not in AP_METHODS:
             raise ValueError(
@@ -192,7 +193,7 @@ class PascalVOCEvaluator(DetectionEvaluatorBase):
             raise ValueError(f"PascalVOCEvaluator: iou_thresh must be in (0, 1], got {iou_thresh}")
         self._ap_method = ap_method
         self._iou_thresh = float(iou_thresh)
-        super().__init__(gt_dicts, class_names, eval_classes)
+        super().__init__(gt_dicts, class_names, eval_classes, output_dir=output_dir)
 
     def evaluate(self) -> Dict[str, Any]:
         predictions = self._gather_predictions()

@@ -132,12 +132,35 @@ def coco_class_names(json_file: str) -> List[str]:
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
-def register_coco_instances(name: str, json_file: str, image_root: str,
-                            class_names: Optional[Sequence[str]] = None) -> None:
-    """Register a COCO-format dataset under `name`."""
+def register_coco_instances(name: str, *args: Any, class_names: Optional[Sequence[str]] = None,
+                            **kwargs: Any) -> None:
+    """Register a COCO-format dataset under `name`, called either way:
+
+        register_coco_instances(name, json_file, image_root, class_names=None)
+        register_coco_instances(name, metadata, json_file, image_root)   # detectron2's signature
+
+    `metadata` (a dict, may be empty) is set on MetadataCatalog.get(name); its `thing_classes`
+    selects and orders the classes like `class_names`.
+    """
+    metadata: Dict[str, Any] = {}
+    if args and isinstance(args[0], dict):
+        metadata, args = dict(args[0]), args[1:]
+    elif "metadata" in kwargs:
+        metadata = dict(kwargs.pop("metadata") or {})
+    names = ["json_file", "image_root", "class_names"]
+    values = dict(zip(names, args), **kwargs)
+    if class_names is not None:
+        values["class_names"] = class_names
+    unknown = set(values) - set(names)
+    if unknown or "json_file" not in values or "image_root" not in values:
+        raise TypeError(f"register_coco_instances('{name}', ...): expected (json_file, image_root[, class_names]) "
+                        f"or (metadata, json_file, image_root), got {len(args)} positional and {sorted(kwargs)}")
+    json_file, image_root = str(values["json_file"]), str(values["image_root"])
+    class_names = values.get("class_names") or metadata.get("thing_classes")
     DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root,
                                                          list(class_names) if class_names else None))
-    meta = MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+    meta = MetadataCatalog.get(name).set(**{**metadata, "json_file": json_file, "image_root": image_root,
+                                           "evaluator_type": metadata.get("evaluator_type", "coco")})
     if class_names is None and os.path.isfile(json_file):
         class_names = coco_class_names(json_file)
     if class_names is not None:

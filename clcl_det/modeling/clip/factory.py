@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -62,14 +63,20 @@ def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
     """
     arch, pretrained = cfg.MODEL.CLIP.ARCH, cfg.MODEL.CLIP.PRETRAINED
     if arch not in open_clip.list_models():
-        raise ValueError(f"MODEL.CLIP.ARCH '{arch}' is not an open_clip architecture (see open_clip.list_models())")
+        from ...config import ConfigError
+
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.5)
+        raise ConfigError(f"MODEL.CLIP.ARCH '{arch}' is not an open_clip architecture"
+                          + (f"; closest: {', '.join(close)}" if close else "") + " (see open_clip.list_models())")
     if pretrained == PROJECT_PRETRAINED:
         from .pretrain import ensure_shapes_tiny
 
         pretrained = ensure_shapes_tiny(cfg)
     elif pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED: checkpoint file '{pretrained}' does not exist")
+            from ...config import ConfigError
+
+            raise ConfigError(f"MODEL.CLIP.PRETRAINED: checkpoint file '{pretrained}' does not exist")
     if pretrained:
         logger.info(f"CLIP: {arch} with weights '{pretrained}'")
     else:
