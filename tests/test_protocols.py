@@ -26,9 +26,10 @@ def _close(a, b):
 def test_four_task_shapes_run_metrics_by_hand(shapes_root, tmp_path):
     out = str(tmp_path / "run")
     # the tiny settings, with 1 iteration of 2 images at 64 px per task (4 tasks stay cheap)
-    summary = run_tiny(tiny_cfg(out, **{"CONTINUAL.TASKS": "5+5+5+5", "TEST.ZERO_SHOT": "False",
-                                        "SOLVER.MAX_ITER": "1", "SOLVER.IMS_PER_BATCH": "2", "INPUT.IMAGE_SIZE": "64",
-                                        "TEST.IMS_PER_BATCH": "12", "SOLVER.CHECKPOINT_PERIOD": "100"}))
+    cfg = tiny_cfg(out, **{"CONTINUAL.TASKS": "5+5+5+5", "TEST.ZERO_SHOT": "False",
+                           "SOLVER.MAX_ITER": "1", "SOLVER.IMS_PER_BATCH": "2", "INPUT.IMAGE_SIZE": "64",
+                           "TEST.IMS_PER_BATCH": "12", "SOLVER.CHECKPOINT_PERIOD": "100"})
+    summary = run_tiny(cfg)
     names = summary["class_names"]
     assert [s["task"] for s in summary["stages"]] == [0, 1, 2, 3]
     for t in range(4):
@@ -58,6 +59,29 @@ def test_four_task_shapes_run_metrics_by_hand(shapes_root, tmp_path):
     assert "Task x stage matrix" in text and "Mean mAP@A over 4 stages" in text
     for f in ("summary.png", "summary_tasks.png"):
         assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the same run's stage files with per-class APs set by hand, AP(class c, stage t) = 10 (t + 1) + c,
+    # summarised again by the engine: B = classes 0-4 -> 10 (t + 1) + 2; N = classes 5 .. 5t + 4 ->
+    # 10 (t + 1) + (5t + 9) / 2; A = classes 0 .. 5t + 4 -> 10 (t + 1) + (5t + 4) / 2
+    from clcl_det.data.continual import build_continual_split
+    from clcl_det.engine.evaluate import write_summary
+
+    for t in range(4):
+        path = os.path.join(out, f"task_{t + 1}", "metrics.json")
+        with open(path) as f:
+            stage = json.load(f)
+        for name in stage["per_class"]:
+            stage["per_class"][name]["AP50"] = 10.0 * (t + 1) + names.index(name)
+        with open(path, "w") as f:
+            json.dump(stage, f)
+    hand = write_summary(cfg, build_continual_split(cfg), out)
+    assert [s["mAP@A"] for s in hand["stages"]] == [12.0, 24.5, 37.0, 49.5]
+    assert [s.get("mAP@B") for s in hand["stages"]] == [None, 22.0, 32.0, 42.0]
+    # N after task 4 is classes 6-20 (52), not the last task's 16-20 (57)
+    assert [s.get("mAP@N") for s in hand["stages"]] == [None, 27.0, 39.5, 52.0]
+    assert hand["mean_mAP@A"] == (12.0 + 24.5 + 37.0 + 49.5) / 4
+    assert hand["task_matrix"]["mAP"] == [[12.0, 22.0, 32.0, 42.0], [None, 27.0, 37.0, 47.0],
+                                          [None, None, 42.0, 52.0], [None, None, None, 57.0]]
 
 
 # ----------------------------------------------------------------------------------------------
