@@ -20,6 +20,7 @@ setup(
         "torchvision>=0.16",
         "fvcore>=0.1.5",
         "open_clip_torch>=2.24",
+        "timm>=1.0",  # EVA02-CLIP towers (open_clip builds them on timm's Eva; the dense encoder uses timm.layers)
         "pot>=0.9.4",
         "pycocotools>=2.0.6",
         "numpy>=1.23",

@@ -25,10 +25,11 @@ def _close(a, b):
 
 def test_four_task_shapes_run_metrics_by_hand(shapes_root, tmp_path):
     out = str(tmp_path / "run")
-    # the tiny settings, with 2 iterations of 2 images at 64 px per task (4 tasks stay cheap)
-    summary = run_tiny(tiny_cfg(out, **{"CONTINUAL.TASKS": "5+5+5+5", "TEST.ZERO_SHOT": "False",
-                                        "SOLVER.MAX_ITER": "2", "SOLVER.IMS_PER_BATCH": "2", "INPUT.IMAGE_SIZE": "64",
-                                        "SOLVER.CHECKPOINT_PERIOD": "100"}))
+    # the tiny settings, with 1 iteration of 2 images at 64 px per task (4 tasks stay cheap)
+    cfg = tiny_cfg(out, **{"CONTINUAL.TASKS": "5+5+5+5", "TEST.ZERO_SHOT": "False",
+                           "SOLVER.MAX_ITER": "1", "SOLVER.IMS_PER_BATCH": "2", "INPUT.IMAGE_SIZE": "64",
+                           "TEST.IMS_PER_BATCH": "12", "SOLVER.CHECKPOINT_PERIOD": "100"})
+    summary = run_tiny(cfg)
     names = summary["class_names"]
     assert [s["task"] for s in summary["stages"]] == [0, 1, 2, 3]
     for t in range(4):
@@ -58,6 +59,29 @@ def test_four_task_shapes_run_metrics_by_hand(shapes_root, tmp_path):
     assert "Task x stage matrix" in text and "Mean mAP@A over 4 stages" in text
     for f in ("summary.png", "summary_tasks.png"):
         assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the same run's stage files with per-class APs set by hand, AP(class c, stage t) = 10 (t + 1) + c,
+    # summarised again by the engine: B = classes 0-4 -> 10 (t + 1) + 2; N = classes 5 .. 5t + 4 ->
+    # 10 (t + 1) + (5t + 9) / 2; A = classes 0 .. 5t + 4 -> 10 (t + 1) + (5t + 4) / 2
+    from clcl_det.data.continual import build_continual_split
+    from clcl_det.engine.evaluate import write_summary
+
+    for t in range(4):
+        path = os.path.join(out, f"task_{t + 1}", "metrics.json")
+        with open(path) as f:
+            stage = json.load(f)
+        for name in stage["per_class"]:
+            stage["per_class"][name]["AP50"] = 10.0 * (t + 1) + names.index(name)
+        with open(path, "w") as f:
+            json.dump(stage, f)
+    hand = write_summary(cfg, build_continual_split(cfg), out)
+    assert [s["mAP@A"] for s in hand["stages"]] == [12.0, 24.5, 37.0, 49.5]
+    assert [s.get("mAP@B") for s in hand["stages"]] == [None, 22.0, 32.0, 42.0]
+    # N after task 4 is classes 6-20 (52), not the last task's 16-20 (57)
+    assert [s.get("mAP@N") for s in hand["stages"]] == [None, 27.0, 39.5, 52.0]
+    assert hand["mean_mAP@A"] == (12.0 + 24.5 + 37.0 + 49.5) / 4
+    assert hand["task_matrix"]["mAP"] == [[12.0, 22.0, 32.0, 42.0], [None, 27.0, 37.0, 47.0],
+                                          [None, None, 42.0, 52.0], [None, None, None, 57.0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,3 +294,70 @@ def test_shapes_val_own_seed_disjoint_from_train_and_test(tmp_path, monkeypatch)
             shapes.ShapesSpec(seed=3, val_seed=3).val_spec()
     finally:
         shapes.configure_shapes(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# EVA02-CLIP backbone
+
+
+def test_eva02_dense_encoder_against_timm():
+    # open_clip's EVA02 towers are a TimmModel around timm's Eva; the tiny EVA02 (same blocks:
+    # rotary positions, SwiGLU, sub-LN attention) keeps this check cheap
+    import torch
+    from open_clip.timm_model import TimmModel
+
+    from clcl_det.modeling.clip.dense import EvaDenseEncoder, build_dense_encoder
+
+    torch.manual_seed(0)
+    visual = TimmModel("eva02_tiny_patch14_224", embed_dim=64, pool="token", proj=None).eval()
+    enc = build_dense_encoder(visual, [2, 5, 8, 11])
+    assert isinstance(enc, EvaDenseEncoder) and (enc.patch_size, enc.width, enc.embed_dim) == (14, 192, 64)
+    trunk = visual.trunk
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        taps, dense = enc(x)
+        # the taps before the last block are timm's own intermediate outputs
+        ref = trunk.forward_intermediates(x, indices=[2, 5, 8], intermediates_only=True)
+        for a, b in zip(taps[:3], ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # the last block without token mixing = the block with each token attending only to itself
+        h = trunk.patch_embed(x)
+        h, rope = trunk._pos_embed(h)
+        h = trunk.norm_pre(h)
+        for blk in trunk.blocks[:-1]:
+            h = blk(h, rope=rope)
+        n = h.shape[1]
+        self_only = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+        h = trunk.blocks[-1](h, rope=rope, attn_mask=self_only)
+        torch.testing.assert_close(taps[3], h[:, 1:].transpose(1, 2).reshape(1, 192, 16, 16), rtol=1e-4, atol=1e-4)
+        v = torch.nn.functional.normalize(trunk.head(trunk.norm(h[:, 1:])), dim=-1)
+        torch.testing.assert_close(dense, v.transpose(1, 2).reshape(1, 64, 16, 16), rtol=1e-4, atol=1e-4)
+        # any size divisible by the patch (positions resampled, rotary embedding at the new grid),
+        # and the trunk's own rotary embedding is left at its 16 x 16 grid
+        taps, dense = enc(torch.randn(1, 3, 56, 84))
+        assert torch.equal(trunk.rope.get_embed(), rope)
+    assert [t.shape for t in taps] == [(1, 192, 4, 6)] * 4 and dense.shape == (1, 64, 4, 6)
+
+
+def test_eva02_clclip_voc_config_builds_and_detects():
+    import torch
+
+    from clcl_det.data.continual import Task
+    from clcl_det.data.datasets import VOC_CLASSES
+    from clcl_det.engine import setup_cfg
+    from clcl_det.modeling import build_model
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = setup_cfg(os.path.join(repo, "configs", "VOC", "clclip_eva02_10+10.yaml"), [
+        "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "64", "MODEL.CLIP.TEMPLATES", "simple",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
+    assert cfg.MODEL.CLIP.ARCH == "EVA02-B-16" and cfg.CONTINUAL.TASKS == "10+10"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.text.text_names["diningtable"] == "dining table"
+    # one class keeps the 12-layer text tower's prompt encoding cheap
+    model.begin_task(Task(0, 0, 1, ("diningtable",), tuple(VOC_CLASSES)))
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
+    assert set(out[0]) >= {"boxes", "scores", "labels"} and model.backbone.embed_dim == 512
+    assert out[0]["boxes"].shape[0] == out[0]["scores"].shape[0] and model.backbone.encoder.width == 768

@@ -11,7 +11,7 @@ from torchvision.models.convnext import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..clip.dense import CLIPDenseEncoder
+from ..clip.dense import build_dense_encoder
 from .build import BACKBONE_REGISTRY
 
 __all__ = ["SimplePyramid", "CLIPViTBackbone", "get_norm"]
@@ -65,7 +65,7 @@ class CLIPViTBackbone(nn.Module):
 
     def __init__(self, cfg: Any, clip_model: nn.Module):
         super().__init__()
-        encoder = CLIPDenseEncoder(clip_model.visual, cfg.MODEL.CLIP.TAP_INDICES).eval()
+        encoder = build_dense_encoder(clip_model.visual, cfg.MODEL.CLIP.TAP_INDICES).eval()  # ViT or EVA
         object.__setattr__(self, "encoder", encoder)  # frozen, outside the module tree
         p = encoder.patch_size
         scales = tuple(cfg.MODEL.BACKBONE.SCALES)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIPDenseEncoder", "default_tap_indices"]
+__all__ = ["CLIPDenseEncoder", "EvaDenseEncoder", "build_dense_encoder", "default_tap_indices"]
 
 
 def default_tap_indices(num_blocks: int, num_taps: int = 4) -> List[int]:
@@ -117,3 +117,115 @@ class CLIPDenseEncoder(nn.Module):
             tokens = tokens @ v.proj
         dense = F.normalize(tokens, dim=-1).transpose(1, 2).reshape(B, -1, h, w)
         return taps, dense
+
+
+def _check_taps(tap_indices: Sequence[int], num_blocks: int) -> List[int]:
+    taps = list(tap_indices) or default_tap_indices(num_blocks)
+    if taps[-1] != num_blocks - 1 or any(not 0 <= t < num_blocks for t in taps) or taps != sorted(set(taps)):
+        raise ValueError(
+            f"MODEL.CLIP.TAP_INDICES {taps} must be increasing block indices ending with the final "
+            f"block {num_blocks - 1}"
+        )
+    return taps
+
+
+class EvaDenseEncoder(nn.Module):
+    """`CLIPDenseEncoder` for open_clip's EVA02 towers (`TimmModel` around a timm `Eva` trunk,
+    e.g. EVA02-B-16): same outputs, any input size divisible by the patch size.
+
+    Absolute positions are resampled with timm's `resample_abs_pos_embed`, rotary ones taken from
+    the trunk's `rope.get_embed` at the input's grid. The final block runs without token mixing:
+    its attention keeps the value path (v projection, EVA's sub-LN `attn.norm`, output projection),
+    then the block's MLP; the trunk's final norm and CLIP head project the tokens into V.
+    """
+
+    def __init__(self, visual: nn.Module, tap_indices: Sequence[int] = ()):
+        super().__init__()
+        trunk = getattr(visual, "trunk", None)
+        for attr in ("patch_embed", "pos_embed", "cls_token", "rope", "blocks", "norm", "head"):
+            if trunk is None or not hasattr(trunk, attr):
+                raise TypeError(f"MODEL.CLIP.ARCH: EVA dense features need a timm Eva trunk; "
+                                f"{type(trunk or visual).__name__} has no '{attr}'")
+        if getattr(trunk, "global_pool", "token") != "token" or getattr(trunk, "reg_token", None) is not None:
+            raise NotImplementedError("EVA towers with average pooling or register tokens are not supported")
+        self.visual = visual
+        self.trunk = trunk
+        self.tap_indices = _check_taps(tap_indices, len(trunk.blocks))
+        patch = trunk.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.width = int(trunk.embed_dim)
+        projections = [m for part in (trunk.head, visual.head) for m in part.modules() if isinstance(m, nn.Linear)]
+        self.embed_dim = int(projections[-1].out_features) if projections else self.width
+
+    def _rope(self, h: int, w: int) -> Tensor:
+        """The trunk's rotary embedding at an h x w grid (cached). A rope with a fixed feature shape
+        is moved to the grid with its public `update_feat_shape`, read, and moved back."""
+        key = (h, w)
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if key not in cache:
+            rope = self.trunk.rope
+            fixed = getattr(rope, "feat_shape", None)
+            if fixed is None:
+                cache[key] = rope.get_embed(shape=[h, w])
+            elif list(fixed) == [h, w]:
+                cache[key] = rope.get_embed().clone()
+            else:
+                rope.update_feat_shape([h, w])
+                try:
+                    cache[key] = rope.get_embed().clone()
+                finally:
+                    rope.update_feat_shape(list(fixed))
+        return cache[key]
+
+    def _v_path(self, block: nn.Module, x: Tensor) -> Tensor:
+        attn = block.attn
+        h = block.norm1(x)
+        if getattr(attn, "qkv", None) is not None:
+            w_v = attn.qkv.weight[2 * self.width:]
+            b_v = attn.v_bias if getattr(attn, "v_bias", None) is not None else (
+                attn.qkv.bias[2 * self.width:] if attn.qkv.bias is not None else None)
+            y = F.linear(h, w_v, b_v)
+        else:
+            y = attn.v_proj(h)
+        if getattr(attn, "gate", None) is not None:
+            raise NotImplementedError("EVA attention with a gate is not supported for dense features")
+        y = attn.proj(attn.norm(y))
+        if block.gamma_1 is not None:
+            y = block.gamma_1 * y
+        x = x + y
+        m = block.mlp(block.norm2(x))
+        return x + (block.gamma_2 * m if block.gamma_2 is not None else m)
+
+    def forward(self, images: Tensor) -> Tuple[List[Tensor], Tensor]:
+        from timm.layers import resample_abs_pos_embed
+
+        B, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not divisible by the CLIP patch size {p}")
+        h, w = H // p, W // p
+        t = self.trunk
+        pe = t.patch_embed
+        x = pe.norm(pe.proj(images.to(pe.proj.weight.dtype)).flatten(2).transpose(1, 2))  # B, hw, width
+        pos = resample_abs_pos_embed(t.pos_embed, new_size=(h, w), old_size=pe.grid_size, num_prefix_tokens=1)
+        x = torch.cat([t.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
+        x = t.norm_pre(x)
+        rope = self._rope(h, w).to(device=x.device)
+        taps: List[Tensor] = []
+        to_map = lambda z: z[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # noqa: E731
+        for i, blk in enumerate(t.blocks[:-1]):
+            x = blk(x, rope=rope)
+            if i in self.tap_indices:
+                taps.append(to_map(x))
+        x = self._v_path(t.blocks[-1], x)
+        taps.append(to_map(x))
+        tokens = self.visual.head(t.head(t.fc_norm(t.norm(x[:, 1:]))))
+        dense = F.normalize(tokens, dim=-1).transpose(1, 2).reshape(B, -1, h, w)
+        return taps, dense
+
+
+def build_dense_encoder(visual: nn.Module, tap_indices: Sequence[int] = ()) -> nn.Module:
+    """The dense encoder of an open_clip visual tower: EVA (timm Eva trunk) or a standard ViT."""
+    if hasattr(getattr(visual, "trunk", None), "rope"):
+        return EvaDenseEncoder(visual, tap_indices)
+    return CLIPDenseEncoder(visual, tap_indices)
