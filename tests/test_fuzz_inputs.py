@@ -251,7 +251,8 @@ def test_short_run_on_a_fuzzed_dataset(shapes_root, tmp_path):
     bad_xml, bad_jpg = rng.sample(train_ids, 4), rng.sample(train_ids, 3)
     for i in bad_xml:
         p = os.path.join(ann, f"{i}.xml")
-        open(p, "wb").write(_corrupt_bytes(rng, open(p, "rb").read())[:20])  # truncated: unreadable
+        data = open(p, "rb").read()
+        open(p, "wb").write(_corrupt_bytes(rng, data)[:20])  # at most 20 bytes: unreadable
     for i in bad_jpg:
         open(os.path.join(img, f"{i}.jpg"), "wb").write(b"\xff\xd8\xff\xe0 not a jpeg any more")
     _register("fuzz_train", root, "train", SHAPES_CLASSES)
@@ -261,11 +262,22 @@ def test_short_run_on_a_fuzzed_dataset(shapes_root, tmp_path):
             "SOLVER.MAX_ITER": "2", "TEST.ZERO_SHOT": "False"}
     run_tiny(tiny_cfg(out, **opts))
     _complete_outputs(out)
+    # independently: the task-1 classes that no readable training XML names
+    import xml.etree.ElementTree as ET
+    named = set()
+    for i in train_ids:
+        try:
+            named |= {o.findtext("name") for o in ET.parse(os.path.join(ann, f"{i}.xml")).findall("object")}
+        except ET.ParseError:
+            pass
+    expected = [c for c in SHAPES_CLASSES[:10] if c not in named]
+    assert empty in expected
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["classes_without_training_images"] == {"task_1": [empty]}
-    assert f"1 class(es) had no training image: task_1: {empty}" in open(os.path.join(out, "summary.txt")).read()
+    assert summary["classes_without_training_images"] == {"task_1": expected}
+    assert (f"{len(expected)} class(es) had no training image: task_1: {', '.join(expected)}"
+            in open(os.path.join(out, "summary.txt")).read())
     log = open(os.path.join(out, "log.txt")).read()
-    assert f"class(es) without a training image in ['fuzz_train']: {empty}" in log
+    assert f"class(es) without a training image in ['fuzz_train']: {', '.join(expected)}" in log
     assert "skipped 4 image(s) with unreadable annotations" in log
     # nothing readable at all: refused in one line, the files already written stay complete
     for i in train_ids:

@@ -375,6 +375,18 @@ def test_eval_only_refuses_a_checkpoint_that_does_not_fit(reference_run, tmp_pat
     assert "unexpected keys 1 (bogus.weight)" in msg and not os.path.exists(tmp_path / "e" / "eval_1")
 
 
+def test_resume_refuses_a_periodic_checkpoint_that_does_not_fit(tmp_path):
+    from clcl_det.utils.checkpoint import DetectionCheckpointer
+
+    DetectionCheckpointer(torch.nn.Linear(2, 2), str(tmp_path)).save("model_0000001")
+    path = str(tmp_path / "model_0000001.pth")
+    with pytest.raises(CheckpointError, match=r"model_0000001.pth does not fit the model of this config: missing keys 0 "
+                                              r"\(\), unexpected keys 0 \(\), keys of another shape 2 \(weight, bias\)"):
+        DetectionCheckpointer(torch.nn.Linear(2, 3), str(tmp_path)).load(path)
+    with pytest.raises(CheckpointError, match=r"missing keys 4 \(0.weight, 0.bias, 1.weight, ...\), unexpected keys 2 \(weight, bias\)$"):
+        DetectionCheckpointer(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), str(tmp_path)).load(path)
+
+
 def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run, tmp_path):
     from clcl_det.continual import ContinualRunner
 
@@ -383,7 +395,7 @@ def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run,
     shutil.copytree(ref, out)
     before = {t: open(os.path.join(out, f"task_{t}", "metrics.json"), "rb").read() for t in (1, 2)}
     summary_before = open(os.path.join(out, "summary.json"), "rb").read()
-    cfg = tiny_cfg(out, DETERMINISTIC="True")
+    cfg = tiny_cfg(out, DETERMINISTIC="True", **{"TEST.ZERO_SHOT": "False"})  # seen classes are enough here
     cfg.freeze()
     runner = ContinualRunner(cfg)
     runner.evaluate()

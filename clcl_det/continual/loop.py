@@ -31,8 +31,8 @@ from ..modeling import build_model
 from ..utils import comm
 from ..utils.errors import UserError
 from ..utils.seed import derive_seed
-from ..utils.checkpoint import (CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file,
-                                remove_leftover_temp_files)
+from ..utils.checkpoint import (CheckpointError, DetectionCheckpointer, atomic_write_bytes, check_fit,
+                                load_checkpoint_file, remove_leftover_temp_files)
 from ..engine.evaluate import evaluate_stage, write_summary
 from . import lifecycle
 from ..engine.hooks import HookBase, build_hooks
@@ -175,13 +175,11 @@ class ContinualRunner:
 
     def _load_weights(self, path: str, state: Dict[str, Any]) -> None:
         """Load `state` into the model; a missing or unexpected key is refused in one line naming a few."""
-        incompatible = self.model.load_state_dict(state, strict=False)
-        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
-        if missing or unexpected:
-            def few(keys: List[str]) -> str:
-                return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-            raise CheckpointError(f"{path} does not fit the model of this config: missing keys {few(missing)}, "
-                                  f"unexpected keys {few(unexpected)}")
+        try:
+            incompatible = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise CheckpointError(f"{path} does not fit the model of this config: {' '.join(str(e).split())[:300]}") from None
+        check_fit(path, incompatible.missing_keys, incompatible.unexpected_keys)
         logger.info(f"loaded {path}")
 
     def load_final(self, t: int, path: Optional[str] = None) -> None:

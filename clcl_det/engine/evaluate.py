@@ -111,7 +111,8 @@ def write_summary(cfg: Any, split: ContinualSplit, out_dir: str, final: bool = F
     text = format_summary(summary)
     empty = {f"task_{s['task'] + 1}": s["extra"]["classes_without_training_images"] for s in stages
              if s.get("extra", {}).get("classes_without_training_images")}
-    summary["classes_without_training_images"] = empty
+    if any("classes_without_training_images" in s.get("extra", {}) for s in stages):  # training-time stages
+        summary["classes_without_training_images"] = empty
     if empty:
         text += (f"\n{sum(map(len, empty.values()))} class(es) had no training image: "
                  + "; ".join(f"{k}: {', '.join(v)}" for k, v in empty.items()))

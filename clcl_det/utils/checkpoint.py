@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 import tempfile
-from typing import IO, Any, Callable, Dict, List
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from fvcore.common.checkpoint import Checkpointer, PeriodicCheckpointer
@@ -16,7 +16,7 @@ from fvcore.common.checkpoint import Checkpointer, PeriodicCheckpointer
 from .errors import UserError
 
 __all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "atomic_write", "atomic_write_bytes", "atomic_torch_save",
-           "load_checkpoint_file", "CheckpointError", "TMP_PATTERN", "leftover_temp_files", "remove_leftover_temp_files"]
+           "load_checkpoint_file", "check_fit", "CheckpointError", "TMP_PATTERN", "leftover_temp_files", "remove_leftover_temp_files"]
 
 TMP_PATTERN = ".*.tmp"  # the name of every temporary file of `atomic_write` (`.<name>.<random>.tmp`)
 
@@ -103,6 +103,18 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
+def check_fit(path: str, missing: Sequence[str], unexpected: Sequence[str], wrong_shape: Sequence[str] = ()) -> None:
+    """Refuse (one line, a few keys named) a checkpoint `path` whose model state does not fit the model."""
+    if not (missing or unexpected or wrong_shape):
+        return
+
+    def few(keys: Sequence[str]) -> str:
+        return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+    shapes = f", keys of another shape {few(list(wrong_shape))}" if wrong_shape else ""
+    raise CheckpointError(f"{path} does not fit the model of this config: missing keys {few(list(missing))}, "
+                          f"unexpected keys {few(list(unexpected))}{shapes}")
+
+
 class DetectionCheckpointer(Checkpointer):
     """Checkpoints are written atomically (tmp + fsync + rename, also the `last_checkpoint` tag)
     and loaded with `weights_only=True`; only plain tensors, numbers, strings and containers."""
@@ -124,4 +136,13 @@ class DetectionCheckpointer(Checkpointer):
         atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())
 
     def _load_file(self, f: str) -> Dict[str, Any]:
+        self._loading: Optional[str] = f
         return load_checkpoint_file(f)
+
+    def _load_model(self, checkpoint: Any) -> Any:
+        """fvcore's loading, then a refusal if any key is missing, unexpected or of another shape."""
+        incompatible = super()._load_model(checkpoint)
+        shape = [k for k, *_ in incompatible.incorrect_shapes]  # fvcore drops them, so they are also 'missing'
+        check_fit(getattr(self, "_loading", None) or "checkpoint", [k for k in incompatible.missing_keys if k not in shape],
+                  incompatible.unexpected_keys, shape)
+        return incompatible
