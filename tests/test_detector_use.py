@@ -354,7 +354,8 @@ def test_weights_are_used_or_refused_in_one_line(reference_run, tmp_path, opts, 
     (["MODEL.CLIP.PRETRAINED", "/nope/clip.pt"], "MODEL.CLIP.PRETRAINED: checkpoint file '/nope/clip.pt' does not exist"),
     (["MODEL.CLIP.ARCH", "ViT-B-61"], "MODEL.CLIP.ARCH 'ViT-B-61' is not an open_clip architecture; closest: ViT-B-16"),
     (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE 'cuda': no CUDA GPU"),
-    (["SOLVER.AMP=True", "SOLVER.AMP_DTYPE=half"], "SOLVER.AMP_DTYPE 'half' is not one of float16 | bfloat16"),
+    (["SOLVER.MAX_ITR=5"], "Unknown config key 'SOLVER.MAX_ITR' (command-line override); did you mean "
+                           "'SOLVER.MAX_ITER'"),
 ])
 def test_user_errors_print_one_line_and_exit_2(shapes_root, tmp_path, opts, match, monkeypatch):
     if opts[0] == "MODEL.DEVICE" and torch.cuda.is_available():
