@@ -195,6 +195,10 @@ def test_event_files_hold_the_stage_scalars(reference_run):
     assert max(e.step for e in acc.Scalars("lr")) == 8
     lines = [json.loads(x) for x in open(os.path.join(out, "task_2", "train_metrics.jsonl"))]
     assert lines[-1]["task"] == 2 and lines[-1]["iteration"] == 3 and "loss_cls" in lines[-1]
+    log = open(os.path.join(out, "log.txt")).read()
+    # the evaluation knows its length (12 test images / 4 per batch), so its progress has an ETA
+    assert "Start inference on 3 batches" in log and "unknown number" not in log
+    assert "run_eta: " in log  # task 1's log lines: the ETA of the whole run
 
 
 class _Toy(nn.Module):
