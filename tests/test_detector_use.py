@@ -195,6 +195,10 @@ def test_event_files_hold_the_stage_scalars(reference_run):
     assert max(e.step for e in acc.Scalars("lr")) == 8
     lines = [json.loads(x) for x in open(os.path.join(out, "task_2", "train_metrics.jsonl"))]
     assert lines[-1]["task"] == 2 and lines[-1]["iteration"] == 3 and "loss_cls" in lines[-1]
+    log = open(os.path.join(out, "log.txt")).read()
+    # the evaluation knows its length (12 test images / 4 per batch), so its progress has an ETA
+    assert "Start inference on 3 batches" in log and "unknown number" not in log
+    assert "run_eta: " in log  # task 1's log lines: the ETA of the whole run
 
 
 class _Toy(nn.Module):
@@ -354,7 +358,8 @@ def test_weights_are_used_or_refused_in_one_line(reference_run, tmp_path, opts, 
     (["MODEL.CLIP.PRETRAINED", "/nope/clip.pt"], "MODEL.CLIP.PRETRAINED: checkpoint file '/nope/clip.pt' does not exist"),
     (["MODEL.CLIP.ARCH", "ViT-B-61"], "MODEL.CLIP.ARCH 'ViT-B-61' is not an open_clip architecture; closest: ViT-B-16"),
     (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE 'cuda': no CUDA GPU"),
-    (["SOLVER.AMP=True", "SOLVER.AMP_DTYPE=half"], "SOLVER.AMP_DTYPE 'half' is not one of float16 | bfloat16"),
+    (["SOLVER.MAX_ITR=5"], "Unknown config key 'SOLVER.MAX_ITR' (command-line override); did you mean "
+                           "'SOLVER.MAX_ITER'"),
 ])
 def test_user_errors_print_one_line_and_exit_2(shapes_root, tmp_path, opts, match, monkeypatch):
     if opts[0] == "MODEL.DEVICE" and torch.cuda.is_available():

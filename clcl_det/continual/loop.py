@@ -260,7 +260,7 @@ class ContinualRunner:
         if not 0 <= t < self.split.num_tasks:
             raise ConfigError(f"task {t + 1} is not within 1..{self.split.num_tasks} of CONTINUAL.TASKS "
                               f"'{self.split.task_string}'")
-        if self.model.task is not None:
+        if getattr(self.model, "task", None) is not None:
             raise RuntimeError("load_task_model needs a fresh ContinualRunner (its model already has tasks)")
         for i in range(t + 1):
             self._begin_task(i)

@@ -95,12 +95,18 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.opti
 
 def unused_parameters(model: nn.Module, batch: Any) -> List[str]:
     """Names of the trainable parameters that get no gradient from the loss of `batch` (one
-    forward/backward; gradients are cleared and the RNG state restored afterwards)."""
+    forward/backward; gradients are cleared, buffers (e.g. running statistics) and the RNG state
+    restored afterwards)."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.random.fork_rng(devices=[]):
         losses = model(batch)
         sum(losses.values()).backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers and b.shape == buffers[n].shape:
+                b.copy_(buffers[n])
     return names
 
 

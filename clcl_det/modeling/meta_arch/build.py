@@ -32,5 +32,6 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: Any) -> nn.Module:
     """The detector named by MODEL.META_ARCHITECTURE, on MODEL.DEVICE."""
+    device = resolve_device(cfg.MODEL.DEVICE)  # before building: a wrong device fails fast
     model = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")(cfg)
-    return model.to(resolve_device(cfg.MODEL.DEVICE))
+    return model.to(device)
