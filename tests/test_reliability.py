@@ -259,7 +259,7 @@ def test_dataset_names_cannot_write_outside_output_dir(shapes_root, tmp_path):
     from clcl_det.data import DatasetCatalog, MetadataCatalog
 
     names = [f"../../escape{i}" for i in range(20)]
-    from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
+    from clcl_det.embedded.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
     root = ensure_shapes(ShapesSpec.from_cfg(tiny_cfg()))
     dicts = load_voc_instances(root, "test", SHAPES_CLASSES)
     for n in ("evil_train", "evil_test"):

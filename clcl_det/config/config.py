@@ -131,11 +131,25 @@ class CfgNode(_FvCfgNode):
                 self[k] = v
 
 
+_CONFIG_EXTENSIONS: List[Callable[[CfgNode], None]] = []
+
+
+def register_config_extension(add_config: Callable[[CfgNode], None]) -> Callable[[CfgNode], None]:
+    """Have `get_cfg()` call `add_config(cfg)` (which declares keys) on every fresh config: how a
+    package above `config` declares its keys next to its code without `config` importing it."""
+    if add_config not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(add_config)
+    return add_config
+
+
 def get_cfg() -> CfgNode:
     """A fresh copy of the defaults: the embedded Shapes + tiny-CLIP CL-CLIP 10+10 setup."""
     from .defaults import _C
 
-    return _C.clone()
+    cfg = _C.clone()
+    for add_config in _CONFIG_EXTENSIONS:
+        add_config(cfg)
+    return cfg
 
 
 def _repo_configs_dir() -> str:

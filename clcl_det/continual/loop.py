@@ -23,8 +23,7 @@ from torch import nn
 from ..config import CfgNode
 from ..data import build_continual_split, build_test_loader, build_train_loader, get_detection_dataset_dicts
 from ..data.continual import ContinualSplit, Task
-from ..data.datasets import configure_datasets
-from ..engine.defaults import seed_all_rng
+from ..engine.defaults import prepare_embedded_assets, seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
 from ..utils.checkpoint import CheckpointError, DetectionCheckpointer, atomic_write_bytes, load_checkpoint_file
@@ -59,7 +58,7 @@ class ContinualRunner:
     def __init__(self, cfg: CfgNode, resume: bool = False):
         self.cfg = cfg
         self.resume = resume
-        configure_datasets(cfg)
+        prepare_embedded_assets(cfg)
         self.split: ContinualSplit = build_continual_split(cfg)
         self._model: Optional[nn.Module] = None
         self.out = cfg.OUTPUT_DIR

@@ -1,20 +1,13 @@
 """META_ARCH_REGISTRY and `build_model`."""
 from typing import Any
 
-import torch
 from torch import nn
 
+from ...utils.device import resolve_device
 from ...utils.registry import Registry, lookup
 
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = """Meta-architectures: (cfg) -> detector."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """MODEL.DEVICE: auto (cuda if available) | cpu | cuda[:i]."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(cfg: Any) -> nn.Module:

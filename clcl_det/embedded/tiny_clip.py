@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
-from ...data.datasets.voc import load_voc_instances
-from ..text import TEMPLATE_SETS
-from .dense import CLIPDenseEncoder
-from ...utils.checkpoint import atomic_torch_save
-from .factory import clip_cache_dir, create_open_clip
+from ..data.datasets.voc import load_voc_instances
+from ..modeling.clip.dense import CLIPDenseEncoder
+from ..modeling.clip.factory import PROJECT_PRETRAINED, clip_cache_dir, create_open_clip, register_pretrained
+from ..modeling.text import TEMPLATE_SETS
+from ..utils.checkpoint import atomic_torch_save
+from ..utils.device import resolve_device
 from .quality import box_cell_mask
+from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
 
@@ -87,25 +88,125 @@ def tiny_clip_path(cfg: Any) -> str:
     return os.path.join(clip_cache_dir(cfg), name)
 
 
-def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
-                       ) -> str:
-    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
-    `force`). Building runs under a file lock (concurrent processes build it once) and the file
-    is written atomically."""
+def built_tiny_clip_path(cfg: Any) -> str:
+    """`tiny_clip_path(cfg)` if it is built (what MODEL.CLIP.PRETRAINED "shapes-tiny" loads), else a
+    FileNotFoundError saying how to build it."""
     path = tiny_clip_path(cfg)
-    if os.path.isfile(path) and not force:
-        return path
-    with file_lock(path + ".lock"):
-        if os.path.isfile(path) and not force:  # built by another process while we waited
-            return path
-        t = cfg.MODEL.CLIP.TINY
-        est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
-        logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
-                    f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
-        start = time.perf_counter()
-        pretrain_tiny_clip(cfg, path, eval_fn=eval_fn)
-        logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min: '{path}'")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED '{PROJECT_PRETRAINED}': the tiny CLIP '{path}' is not built; "
+                                f"tools/train_net.py builds it first (or run tools/pretrain_tiny_clip.py)")
     return path
+
+
+register_pretrained(PROJECT_PRETRAINED, built_tiny_clip_path)
+
+
+def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_images: int = 0) -> str:
+    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
+    `force`) by `build_pinned`. Building runs under a file lock (concurrent processes build it
+    once); the sha256 of the file is logged either way."""
+    path = tiny_clip_path(cfg)
+    if not (os.path.isfile(path) and not force):
+        with file_lock(path + ".lock"):
+            if force or not os.path.isfile(path):  # else built by another process while we waited
+                t = cfg.MODEL.CLIP.TINY
+                est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
+                logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
+                            f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
+                start = time.perf_counter()
+                build_pinned(cfg, path, eval_images=eval_images)
+                logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min")
+    logger.info(f"tiny CLIP '{path}' sha256 {file_sha256(path)}")
+    return path
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# pinned numerics: the same bytes on every x86-64 CPU with AVX2
+
+PINNED_THREADS = 2  # intra-op threads of the build, whatever the machine (reductions split by thread count)
+
+
+def pinned_env(threads: int = PINNED_THREADS) -> Dict[str, str]:
+    """Environment of the build process: ATen's kernels at AVX2 (not AVX-512), MKL in conditional
+    numerical reproducibility mode at AVX2 (`MKL_CBWR`), oneDNN capped at AVX2, a fixed thread count."""
+    env = dict(os.environ)
+    env.update({
+        "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MKL_DYNAMIC": "FALSE",
+        "OMP_DYNAMIC": "FALSE", "CUDA_VISIBLE_DEVICES": "",
+    })
+    return env
+
+
+def pin_numerics(threads: int = PINNED_THREADS) -> None:
+    """In the build process (after `pinned_env`): fixed threads, no oneDNN (its kernel choice depends
+    on cache sizes), deterministic algorithms; warns if ATen did not run at AVX2."""
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = False
+    torch.use_deterministic_algorithms(True)
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap != "AVX2" or os.environ.get("MKL_CBWR") != "AVX2,STRICT":
+        logger.warning(f"tiny CLIP build: CPU kernels at {cap} (MKL_CBWR={os.environ.get('MKL_CBWR')}), not AVX2: "
+                       f"the checkpoint will not be bit-identical to the one built on x86-64 AVX2 CPUs")
+
+
+def build_pinned(cfg: Any, out_path: str, eval_images: int = 0, threads: int = PINNED_THREADS,
+                 env: Optional[Dict[str, str]] = None, prefix: Sequence[str] = ()) -> None:
+    """Run the recipe of `cfg` in a child process under `pinned_env` and write the checkpoint to
+    `out_path` (the child logs to this process's stderr). `env` replaces `pinned_env()` and
+    `prefix` (e.g. `taskset -c 0`) goes before the command: both for `tools/tiny_clip_repro.py`."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tiny_clip_") as tmp:
+        cfg_file = os.path.join(tmp, "config.yaml")
+        with open(cfg_file, "w") as f:
+            f.write(cfg.dump())
+        cmd = list(prefix) + [sys.executable, "-m", "clcl_det.embedded.tiny_clip", cfg_file, out_path,
+               "--threads", str(threads), "--eval-images", str(eval_images)]
+        child_env = pinned_env(threads) if env is None else env
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        child_env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [child_env.get("PYTHONPATH", "")] if p])
+        rc = subprocess.call(cmd, env=child_env)
+    if rc != 0 or not os.path.isfile(out_path):
+        raise RuntimeError(f"the tiny CLIP build failed (exit code {rc}; command: {' '.join(cmd)}): see the log above")
+
+
+def _child_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m clcl_det.embedded.tiny_clip CONFIG.yaml OUT.pt`: the build process."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build the tiny CLIP under pinned numerics (run by build_pinned).")
+    p.add_argument("config")
+    p.add_argument("output")
+    p.add_argument("--threads", type=int, default=PINNED_THREADS)
+    p.add_argument("--eval-images", type=int, default=0)
+    args = p.parse_args(argv)
+    from ..config import CfgNode
+    from ..utils.logger import setup_logger
+
+    setup_logger(name="clcl_det")
+    pin_numerics(args.threads)
+    with open(args.config) as f:
+        import yaml
+
+        cfg = CfgNode(yaml.safe_load(f))
+    eval_fn = None
+    if args.eval_images or cfg.MODEL.CLIP.TINY.EVAL_PERIOD > 0:
+        from .quality import monitoring_fn
+
+        eval_fn = monitoring_fn(cfg, args.eval_images)
+    pretrain_tiny_clip(cfg, args.output, eval_fn=eval_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,13 +476,6 @@ def _lr_factor(it: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _device(cfg: Any) -> torch.device:
-    want = cfg.MODEL.DEVICE
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
-
-
 def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
                        ) -> Dict[str, float]:
     """Run the recipe `cfg.MODEL.CLIP.TINY` and save the state_dict atomically at `out_path`.
@@ -391,7 +485,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     """
     t = cfg.MODEL.CLIP.TINY
     arch = cfg.MODEL.CLIP.ARCH
-    device = _device(cfg)
+    device = resolve_device(cfg.MODEL.DEVICE)
     spec = ShapesSpec.from_cfg(cfg)
     data = ShapesTrainData.load(ensure_shapes(spec))
     names = list(SHAPES_CLASSES) + [cfg.MODEL.CLIP.BACKGROUND_PROMPT]
@@ -497,3 +591,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
         eval_fn(model, t.ITERS)
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
     return stats
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -34,12 +34,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..catalog import DatasetCatalog, MetadataCatalog
-from .voc import load_voc_instances
+from ..data.catalog import DatasetCatalog, MetadataCatalog
+from ..data.datasets.voc import load_voc_instances
 
 __all__ = [
     "SHAPES_CLASSES", "SHAPE_COLOURS", "SHAPE_KINDS", "ShapesSpec", "ShapeObject", "shapes_root",
-    "ensure_shapes", "configure_shapes", "current_spec", "register_shapes", "render_image",
+    "ensure_shapes", "register_shapes", "variant_name", "render_image",
     "image_ids", "caption_for", "file_lock",
 ]
 
@@ -352,13 +352,12 @@ def file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_shapes(spec: Optional[ShapesSpec] = None) -> str:
+def ensure_shapes(spec: ShapesSpec = ShapesSpec()) -> str:
     """The root of the generated dataset; generates it first if missing or incomplete.
 
     Generation writes into a temporary folder next to the root and renames it when complete
     (`spec.json` last), under a file lock so concurrent processes generate it once.
     """
-    spec = spec or current_spec()
     root = shapes_root(spec)
     if _is_complete(root, spec):
         return root
@@ -393,43 +392,41 @@ def ensure_shapes(spec: Optional[ShapesSpec] = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # registration
 
-_CURRENT_SPEC = ShapesSpec()
+
+def variant_name(spec: ShapesSpec, split: str) -> str:
+    """The registered dataset name of a split of `spec`: `shapes_<split>` for the default spec,
+    `shapes_s<seed>_n<train>-<test>_<size>_<split>` for any other."""
+    spec.num_images(split)  # validates the split
+    if spec == ShapesSpec():
+        return f"shapes_{split}"
+    return f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}_{split}"
 
 
-def configure_shapes(spec: ShapesSpec) -> None:
-    """Set the spec the registered `shapes_train` / `shapes_test` datasets generate and load."""
-    global _CURRENT_SPEC
-    if not isinstance(spec, ShapesSpec):
-        raise TypeError(f"configure_shapes needs a ShapesSpec, got {type(spec).__name__}")
-    _CURRENT_SPEC = spec
-    _set_metadata()
+def _set_metadata(name: str, spec: ShapesSpec, split: str) -> None:
+    MetadataCatalog.get(name).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
+                                  dirname=shapes_root(spec), split=split)
 
 
-def current_spec() -> ShapesSpec:
-    return _CURRENT_SPEC
-
-
-def _set_metadata() -> None:
-    for split in _SPLIT_CODES:
-        MetadataCatalog.get(f"shapes_{split}").set(
-            thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
-            dirname=shapes_root(_CURRENT_SPEC), split=split,
-        )
-
-
-def _load(split: str) -> List[Dict[str, Any]]:
-    root = ensure_shapes(_CURRENT_SPEC)
-    _set_metadata()  # $CLCL_DATASETS may have changed since registration
+def _load(name: str, spec: ShapesSpec, split: str) -> List[Dict[str, Any]]:
+    root = ensure_shapes(spec)
+    _set_metadata(name, spec, split)  # $CLCL_DATASETS may have changed since registration
     return load_voc_instances(root, split, SHAPES_CLASSES)
 
 
-def register_shapes() -> None:
-    """Register `shapes_train` and `shapes_test` (idempotent)."""
+def register_shapes(spec: ShapesSpec = ShapesSpec(), alias: bool = False) -> Dict[str, str]:
+    """Register every split of `spec` under `variant_name` (idempotent) and return {split: name}.
+    With `alias`, the names the configs use (`shapes_<split>`) are pointed at `spec` too."""
+    if not isinstance(spec, ShapesSpec):
+        raise TypeError(f"register_shapes needs a ShapesSpec, got {type(spec).__name__}")
+    names = {}
     for split in _SPLIT_CODES:
-        name = f"shapes_{split}"
-        if name not in DatasetCatalog:
-            DatasetCatalog.register(name, lambda split=split: _load(split))
-    _set_metadata()
+        names[split] = variant_name(spec, split)
+        for name in dict.fromkeys([names[split]] + ([f"shapes_{split}"] if alias else [])):
+            if name in DatasetCatalog:
+                DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, lambda name=name, split=split: _load(name, spec, split))
+            _set_metadata(name, spec, split)
+    return names
 
 
 register_shapes()
