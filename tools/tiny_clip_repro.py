@@ -2,7 +2,7 @@
 """Build the tiny CLIP (a short version of the recipe by default) under several numeric
 environments this machine can produce and print the sha256 of each checkpoint.
 
-    python tools/tiny_clip_repro.py                         # 4 steps of the recipe, every variant
+    python tools/tiny_clip_repro.py                         # 4 steps on 100 images, every variant
     python tools/tiny_clip_repro.py --full --variants pinned pinned-avx512-host
 
 "pinned*" variants run the build as the embedded default does (`build_pinned`: AVX2 kernels,
@@ -21,7 +21,7 @@ from clcl_det.engine.defaults import setup_cfg
 from clcl_det.utils.errors import run_cli
 from clcl_det.utils.logger import setup_logger
 
-SHORT = ["MODEL.CLIP.TINY.ITERS", "4", "MODEL.CLIP.TINY.BATCH_SIZE", "4", "MODEL.CLIP.TINY.CROP_BATCH_SIZE", "4",
+SHORT = ["DATASETS.SHAPES.NUM_TRAIN", "100", "DATASETS.SHAPES.NUM_TEST", "10", "MODEL.CLIP.TINY.ITERS", "4", "MODEL.CLIP.TINY.BATCH_SIZE", "4", "MODEL.CLIP.TINY.CROP_BATCH_SIZE", "4",
          "MODEL.CLIP.TINY.TEXT_WARMUP_ITERS", "2", "MODEL.CLIP.TINY.WARMUP_ITERS", "2"]
 
 

@@ -22,6 +22,7 @@ def add_embedded_config(cfg: CN) -> None:
     _C.MODEL.CLIP.TINY.WEIGHT_DECAY = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     _C.MODEL.CLIP.TINY.OBJECT_WEIGHT = 3.0  # weight of a patch cell fully covered by an object vs a background cell
     _C.MODEL.CLIP.TINY.MAX_ZOOM = 1.5  # full images are randomly zoomed in by 1..MAX_ZOOM (and flipped)
+    _C.MODEL.CLIP.TINY.CROP_SIZE = 0  # side (px) the object crops are resized to (0 = the CLIP input size)
     _C.MODEL.CLIP.TINY.CROP_CONTEXT = (0.05, 0.4)  # range of context around an object crop, fraction of its side
     _C.MODEL.CLIP.TINY.TEMPLATES = "imagenet"  # prompt templates of the training captions: imagenet | simple
     _C.MODEL.CLIP.TINY.PROMPTS_PER_CLASS = 2  # templated prompts averaged per class embedding per step

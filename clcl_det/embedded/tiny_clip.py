@@ -47,6 +47,7 @@ from ..modeling.clip.factory import PROJECT_PRETRAINED, clip_cache_dir, create_o
 from ..modeling.text import TEMPLATE_SETS
 from ..utils.checkpoint import atomic_torch_save
 from ..utils.device import resolve_device
+from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .quality import box_cell_mask
 from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
 
@@ -142,7 +143,7 @@ def pinned_env(threads: int = PINNED_THREADS) -> Dict[str, str]:
     env.update({
         "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MKL_DYNAMIC": "FALSE",
-        "OMP_DYNAMIC": "FALSE", "CUDA_VISIBLE_DEVICES": "",
+        "OMP_DYNAMIC": "FALSE", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
     })
     return env
 
@@ -430,6 +431,9 @@ class _PromptSampler:
 # the recipe
 
 
+_NO_DECAY = ("embedding",)  # positional / token embeddings: no weight decay (nor on norms, biases, scales)
+
+
 @torch.no_grad()
 def mimetic_init(visual: nn.Module, gen: torch.Generator, qk: Tuple[float, float] = (0.7, 0.7),
                  vo: Tuple[float, float] = (0.4, 0.4)) -> None:
@@ -455,25 +459,6 @@ def mimetic_init(visual: nn.Module, gen: torch.Generator, qk: Tuple[float, float
         u, sq, vh = factor(vo[0], -vo[1], d)
         w[2 * d:] = (u * sq).T.to(w.dtype)  # W_v
         attn.out_proj.weight.copy_((sq[:, None] * vh).T)  # W_o
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embedding" in name or name == "logit_scale":  # norms, biases, embeddings
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_factor(it: int, total: int, warmup: int) -> float:
-    if it < warmup:
-        return (it + 1) / warmup
-    progress = (it - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
@@ -509,7 +494,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     batches = _Batches(data, K, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, encoder.patch_size, t.MAX_ZOOM,
                        tuple(t.CROP_CONTEXT), t.SEED + 2)
     prompts = _PromptSampler(tokenizer, names, t.TEMPLATES, t.PROMPTS_PER_CLASS, gen)
-    opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+    opt = torch.optim.AdamW(decay_param_groups(model, t.WEIGHT_DECAY, _NO_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
                             foreach=True)
     warmup = int(round(t.WARMUP_ITERS))
     log_period = max(1, t.ITERS // 20)
@@ -518,11 +503,11 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     from tqdm import tqdm
 
     bar = tqdm(range(t.ITERS), desc="tiny CLIP", unit="step", leave=False, disable=None)
-    text_opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+    text_opt = torch.optim.AdamW(decay_param_groups(model, t.WEIGHT_DECAY, _NO_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
                             foreach=True)
     for it in range(t.TEXT_WARMUP_ITERS):  # separate the class captions before the images join
         for g in text_opt.param_groups:
-            g["lr"] = t.LR * min(1.0, (it + 1) / max(1, t.TEXT_WARMUP_ITERS // 4))
+            g["lr"] = t.LR * warmup_factor(it, t.TEXT_WARMUP_ITERS // 4, 1 / max(1, t.TEXT_WARMUP_ITERS // 4))
         _, text_loss = prompts(model)
         text_opt.zero_grad(set_to_none=True)
         text_loss.backward()
@@ -532,7 +517,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     del text_opt
     for it in bar:
         for g in opt.param_groups:
-            g["lr"] = t.LR * _lr_factor(it, t.ITERS, warmup)
+            g["lr"] = t.LR * cosine_factor(it, t.ITERS) * warmup_factor(it, warmup, 1 / max(1, warmup))
         text, text_loss = prompts(model)  # (K + 1, D)
         scale = model.logit_scale.exp().clamp(max=100.0)
         loss = t.TEXT_WEIGHT * text_loss
@@ -562,8 +547,12 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
                 obj = target[:, 0] < 0.5
                 stats["cell_acc"] = float((logits.argmax(1) == target.argmax(1))[obj].float().mean())
         if t.CROP_BATCH_SIZE > 0:
-            crops, labels = batches.crops(t.CROP_BATCH_SIZE, size)
-            feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
+            crop_size = t.CROP_SIZE or size
+            crops, labels = batches.crops(t.CROP_BATCH_SIZE, crop_size)
+            cells = crop_size // encoder.patch_size  # smaller crops take the centre of the position grid
+            offset = (size // encoder.patch_size - cells) // 2
+            with _positional_window(model.visual, offset, offset, cells, cells):
+                feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
             crop_loss = F.cross_entropy(scale * feats @ text[:K].T, labels.to(device))
             loss = loss + crop_loss
             stats["crop"] = float(crop_loss.detach())
