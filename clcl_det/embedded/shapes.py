@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..data.catalog import DatasetCatalog, MetadataCatalog
+from ..data.datasets.root import datasets_root
 from ..data.datasets.voc import load_voc_instances
 
 __all__ = [
@@ -325,8 +326,9 @@ def _write_split(spec: ShapesSpec, split: str, root: str, progress: Any) -> None
 
 
 def shapes_root(spec: ShapesSpec) -> str:
-    """$CLCL_DATASETS/shapes for the default spec, else $CLCL_DATASETS/shapes_s{seed}_n{train}-{test}_{size}."""
-    base = os.environ.get("CLCL_DATASETS", "./datasets")
+    """<datasets root>/shapes for the default spec, else <root>/shapes_s{seed}_n{train}-{test}_{size}
+    (the root is `datasets_root()`: $CLCL_DATASETS, default ./datasets)."""
+    base = datasets_root()
     if spec == ShapesSpec():
         return os.path.join(base, "shapes")
     return os.path.join(base, f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}")

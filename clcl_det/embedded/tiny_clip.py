@@ -21,6 +21,12 @@ apart before the images join. The ViT starts from a mimetic initialisation of it
 (`TINY.MIMETIC_INIT`, Trockman & Kolter 2023) and uses fixed 2-D sin-cos positions: without
 them a ViT trained from scratch stays at chance on *shape* (it learns colour at once) for longer
 than the whole recipe. Warm-up then cosine decay; AdamW.
+
+The recipe runs in a child process under pinned numerics (`pinned_env`, `pin_numerics`): ATen's
+kernels at AVX2 even on AVX-512 CPUs, MKL in conditional-numerical-reproducibility mode at AVX2,
+oneDNN off, two threads whatever the machine. Without them the checkpoint's bytes followed the
+CPU's instruction set (the kernels' reduction order does); with them every x86-64 CPU with AVX2
+builds the same file (`tools/tiny_clip_repro.py` checks the variations one machine can produce).
 """
 from __future__ import annotations
 
