@@ -21,7 +21,7 @@ from clcl_det.data import descriptions as desc
 from clcl_det.data.catalog import MetadataCatalog
 from clcl_det.data.continual import Task
 from clcl_det.data.datasets.builtin import COCO_CLASSES
-from clcl_det.data.datasets.shapes import SHAPES_CLASSES
+from clcl_det.embedded.shapes import SHAPES_CLASSES
 from clcl_det.data.datasets.voc import VOC_CLASSES
 from clcl_det.engine import default_setup, load_plugins
 from clcl_det.engine.trainer import build_optimizer

@@ -258,10 +258,10 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
 
 def test_train_loader_micro_batches_are_the_big_batch(shapes_root):
     from clcl_det.data import build_train_loader, get_detection_dataset_dicts
-    from clcl_det.data.datasets import configure_datasets
+    from clcl_det.engine import prepare_embedded_assets
 
     cfg = tiny_cfg()
-    configure_datasets(cfg)
+    prepare_embedded_assets(cfg)
     dicts = get_detection_dataset_dicts(["shapes_train"])
     big = iter(build_train_loader(cfg, dicts, start_iter=1))
     cfg.merge_from_list(["SOLVER.ACCUM_STEPS", "2"])

@@ -234,7 +234,7 @@ def test_short_run_on_a_fuzzed_dataset(shapes_root, tmp_path):
     """A run on Shapes with corrupted XML and JPEG files, and one class whose boxes were all removed:
     it completes, skipping (and counting) the bad files, warning about the class without training
     image and counting it in the summary; a dataset with nothing readable is refused in one line."""
-    from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
+    from clcl_det.embedded.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
 
     rng = random.Random(SEED + 1)
     src = ensure_shapes(ShapesSpec.from_cfg(tiny_cfg()))

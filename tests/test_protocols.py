@@ -268,16 +268,16 @@ def test_voc_text_encoder_reads_natural_language_names():
 
 def test_shapes_val_own_seed_disjoint_from_train_and_test(tmp_path, monkeypatch):
     from clcl_det.data.catalog import DatasetCatalog, MetadataCatalog
-    from clcl_det.data.datasets import shapes
+    from clcl_det.embedded import shapes
 
     monkeypatch.setenv("CLCL_DATASETS", str(tmp_path))
-    old = shapes.current_spec()
     spec = shapes.ShapesSpec(num_train=6, num_test=4, seed=0, image_size=64, num_val=5, val_seed=7)
+    names = shapes.register_shapes(spec)
     try:
-        shapes.configure_shapes(spec)
-        train, test, val = (DatasetCatalog.get(f"shapes_{s}") for s in ("train", "test", "val"))
+        assert names["val"] == "shapes_s7_n5_64_val"
+        train, test, val = (DatasetCatalog.get(names[s]) for s in ("train", "test", "val"))
         assert len(val) == 5 and [d["image_id"] for d in val] == [f"val_{i:05d}" for i in range(5)]
-        assert MetadataCatalog.get("shapes_val").thing_classes == list(shapes.SHAPES_CLASSES)
+        assert MetadataCatalog.get(names["val"]).thing_classes == list(shapes.SHAPES_CLASSES)
 
         def pixels(d):
             with open(d["file_name"], "rb") as f:
@@ -293,7 +293,8 @@ def test_shapes_val_own_seed_disjoint_from_train_and_test(tmp_path, monkeypatch)
         with pytest.raises(ValueError, match="VAL_SEED"):
             shapes.ShapesSpec(seed=3, val_seed=3).val_spec()
     finally:
-        shapes.configure_shapes(old)
+        for name in names.values():
+            DatasetCatalog.remove(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_dataset_names_cannot_write_outside_output_dir(shapes_root, tmp_path):
     from clcl_det.data import DatasetCatalog, MetadataCatalog
 
     names = [f"../../escape{i}" for i in range(20)]
-    from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
+    from clcl_det.embedded.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
     root = ensure_shapes(ShapesSpec.from_cfg(tiny_cfg()))
     dicts = load_voc_instances(root, "test", SHAPES_CLASSES)
     for n in ("evil_train", "evil_test"):
@@ -294,7 +294,7 @@ def test_one_atomic_writer_in_the_code():
                     for word in ("os.replace(", "os.rename(", "mkstemp("):
                         if word in text:
                             found.append(f"{os.path.relpath(os.path.join(dirpath, f), REPO)}: {word}")
-    assert sorted(found) == ["clcl_det/data/datasets/shapes.py: os.rename(", "clcl_det/utils/checkpoint.py: mkstemp(",
+    assert sorted(found) == ["clcl_det/embedded/shapes.py: os.rename(", "clcl_det/utils/checkpoint.py: mkstemp(",
                              "clcl_det/utils/checkpoint.py: os.replace("]
 
 
@@ -422,9 +422,9 @@ def test_duplicate_loss_names_are_refused_when_the_model_is_built(shapes_root):
             def __init__(self, cfg):
                 super().__init__()
 
-    from clcl_det.data.datasets import configure_datasets
+    from clcl_det.engine import prepare_embedded_assets
     cfg = tiny_cfg(**{"MODEL.CONTINUAL_LOSSES": "['FPNDrift', 'DriftTwin']"})
-    configure_datasets(cfg)
+    prepare_embedded_assets(cfg)
     with pytest.raises(ConfigError, match=r"loss 'loss_drift' is returned by both FPNDrift \(continual_losses.0\) "
                                           r"and DriftTwin \(continual_losses.1\)"):
         build_model(cfg)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from clcl_det.data.catalog import DatasetCatalog, MetadataCatalog
-from clcl_det.data.datasets import shapes as S
-from clcl_det.data.datasets.shapes import (
-    SHAPE_COLOURS, SHAPE_KINDS, SHAPES_CLASSES, ShapesSpec, caption_for, configure_shapes, ensure_shapes,
+from clcl_det.embedded import shapes as S
+from clcl_det.embedded.shapes import (
+    SHAPE_COLOURS, SHAPE_KINDS, SHAPES_CLASSES, ShapesSpec, caption_for, ensure_shapes,
     register_shapes, render_image, shapes_root,
 )
 from clcl_det.data.datasets.voc import load_voc_instances
@@ -156,18 +156,22 @@ def test_concurrent_processes_generate_once(datasets_dir, tmp_path):
 
 
 def test_registration_and_metadata(datasets_dir):
-    register_shapes()  # idempotent: importing the module registered them already
+    assert register_shapes() == {"train": "shapes_train", "test": "shapes_test"}  # idempotent
     assert {"shapes_train", "shapes_test"} <= set(DatasetCatalog.list())
-    old = S.current_spec()
+    names = register_shapes(SPEC)  # a variant has its own names; the config names stay the default
+    assert names == {"train": "shapes_s3_n12-6_128_train", "test": "shapes_s3_n12-6_128_test"}
+    assert len(DatasetCatalog.get(names["test"])) == 6
+    meta = MetadataCatalog.get(names["test"])
+    assert meta.thing_classes == list(SHAPES_CLASSES) and meta.evaluator_type == "pascal_voc"
+    assert meta.dirname == shapes_root(SPEC) and meta.split == "test"
+    assert MetadataCatalog.get("shapes_test").dirname == shapes_root(ShapesSpec())
     try:
-        configure_shapes(SPEC)
-        dicts = DatasetCatalog.get("shapes_test")
-        assert len(dicts) == 6
-        meta = MetadataCatalog.get("shapes_test")
-        assert meta.thing_classes == list(SHAPES_CLASSES) and meta.evaluator_type == "pascal_voc"
-        assert meta.dirname == shapes_root(SPEC) and meta.split == "test"
+        register_shapes(SPEC, alias=True)  # what a run with DATASETS.SHAPES = SPEC does
+        assert len(DatasetCatalog.get("shapes_test")) == 6
+        assert MetadataCatalog.get("shapes_test").dirname == shapes_root(SPEC)
     finally:
-        configure_shapes(old)
+        register_shapes(ShapesSpec(), alias=True)
+    assert MetadataCatalog.get("shapes_test").dirname == shapes_root(ShapesSpec())
 
 
 def test_spec_from_cfg_and_default_root(datasets_dir):

@@ -22,7 +22,7 @@ import torch
 
 from clcl_det.continual import begin_task
 from clcl_det.data.continual import Task
-from clcl_det.data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, render_image
+from clcl_det.embedded.shapes import SHAPES_CLASSES, ShapesSpec, render_image
 from clcl_det.engine import setup_cfg
 from clcl_det.engine.trainer import build_optimizer
 from clcl_det.modeling import build_model

@@ -39,9 +39,11 @@ def main(args: argparse.Namespace) -> None:
     if args.weights:
         opts += ["MODEL.CLIP.PRETRAINED", args.weights]
     cfg = setup_cfg(args.config_file, opts)
+    from clcl_det.embedded.quality import format_report, measure_on_shapes
+    from clcl_det.engine.defaults import prepare_embedded_assets
     from clcl_det.modeling.clip.factory import build_clip
-    from clcl_det.modeling.clip.quality import format_report, measure_on_shapes
 
+    prepare_embedded_assets(cfg)
     model, tokenizer = build_clip(cfg)
     templates = args.templates or cfg.MODEL.CLIP.TEMPLATES
     res = measure_on_shapes(cfg, model, tokenizer, num_images=args.num_images or None, templates=templates)

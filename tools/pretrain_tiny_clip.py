@@ -5,7 +5,9 @@
     python tools/pretrain_tiny_clip.py --force MODEL.CLIP.TINY.ITERS 300
     python tools/pretrain_tiny_clip.py --output /tmp/tiny.pt --eval-images 200
 
-The checkpoint is a plain open_clip state_dict:
+The recipe runs in a child process under pinned numerics (AVX2 kernels, MKL_CBWR, two threads:
+`clcl_det.embedded.tiny_clip.pinned_env`), so the checkpoint has the same bytes on every x86-64
+CPU with AVX2; its path and sha256 are printed. The checkpoint is a plain open_clip state_dict:
 `open_clip.create_model("shapes-tiny", pretrained=PATH, weights_only=True)` loads it. With
 MODEL.CLIP.TINY.EVAL_PERIOD > 0 the dense hit rate and crop accuracy on Shapes test images are
 logged during training (measurement only; the recipe never trains on test images).
@@ -13,7 +15,6 @@ logged during training (measurement only; the recipe never trains on test images
 import argparse
 import logging
 import sys
-from typing import Any
 
 from clcl_det.engine.defaults import setup_cfg
 from clcl_det.utils.errors import run_cli
@@ -36,37 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _eval_fn(cfg: Any, num_images: int):
-    """A monitoring callback for `pretrain_tiny_clip` that logs the quality on test images."""
-    import open_clip
-
-    from clcl_det.modeling.clip.quality import format_report, measure_on_shapes
-
-    tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.ARCH)
-
-    def fn(model, step: int) -> None:
-        res = measure_on_shapes(cfg, model, tokenizer, num_images=num_images or None)
-        final = step == cfg.MODEL.CLIP.TINY.ITERS
-        logger.info(f"step {step}: " + (format_report(res) if final else
-                    f"dense hit rate {res['dense_hit_rate'].overall:.1%}, "
-                    f"crop accuracy {res['crop_accuracy'].overall:.1%}"))
-
-    return fn
-
-
 def main(args: argparse.Namespace) -> None:
     setup_logger(name="clcl_det")
     cfg = setup_cfg(args.config_file, args.opts)
-    from clcl_det.modeling.clip.pretrain import ensure_shapes_tiny, pretrain_tiny_clip
+    from clcl_det.embedded.tiny_clip import build_pinned, ensure_shapes_tiny, file_sha256
 
-    measure = args.eval_images > 0 or cfg.MODEL.CLIP.TINY.EVAL_PERIOD > 0
-    eval_fn = _eval_fn(cfg, args.eval_images) if measure else None
     if args.output:
-        pretrain_tiny_clip(cfg, args.output, eval_fn=eval_fn)
+        build_pinned(cfg, args.output, eval_images=args.eval_images)
         path = args.output
     else:
-        path = ensure_shapes_tiny(cfg, force=args.force, eval_fn=eval_fn)
-    print(path)
+        path = ensure_shapes_tiny(cfg, force=args.force, eval_images=args.eval_images)
+    print(path, file_sha256(path))
 
 
 if __name__ == "__main__":

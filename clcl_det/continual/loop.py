@@ -25,8 +25,7 @@ from ..config import CfgNode, ConfigError
 from ..data import build_continual_split, build_test_loader, build_train_loader, get_detection_dataset_dicts
 from ..data.catalog import check_registered
 from ..data.continual import ContinualSplit, Task
-from ..data.datasets import configure_datasets
-from ..engine.defaults import seed_all_rng
+from ..engine.defaults import prepare_embedded_assets, seed_all_rng
 from ..modeling import build_model
 from ..utils import comm
 from ..utils.errors import UserError
@@ -80,7 +79,7 @@ class ContinualRunner:
     def __init__(self, cfg: CfgNode, resume: bool = False):
         self.cfg = cfg
         self.resume = resume
-        configure_datasets(cfg)
+        prepare_embedded_assets(cfg)
         check_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
         self.split: ContinualSplit = build_continual_split(cfg)

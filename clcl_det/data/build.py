@@ -116,7 +116,7 @@ def _list_collate(batch: Any) -> Any:
 
 def _pin_memory(cfg: Any) -> bool:
     """Page-locked batches only when they go to a GPU."""
-    from ..modeling.meta_arch.build import resolve_device
+    from ..utils.device import resolve_device
 
     return resolve_device(cfg.MODEL.DEVICE).type == "cuda"
 

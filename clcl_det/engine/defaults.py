@@ -15,11 +15,14 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
+from ..embedded.shapes import ShapesSpec, ensure_shapes, register_shapes
+from ..embedded.tiny_clip import ensure_shapes_tiny
+from ..modeling.clip.factory import PROJECT_PRETRAINED
 from ..utils import comm
 from ..utils.logger import setup_logger
 from ..utils.seed import derive_seed
 
-__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "load_plugins", "seed_all_rng",
+__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "load_plugins", "seed_all_rng", "prepare_embedded_assets",
            "auto_scale_schedule"]
 
 logger = logging.getLogger("clcl_det")
@@ -134,6 +137,17 @@ def auto_scale_schedule(cfg: CfgNode) -> CfgNode:
     if was_frozen:
         cfg.freeze()
     return cfg
+def prepare_embedded_assets(cfg: CfgNode) -> None:
+    """What the embedded default needs before a model is built: the Shapes names (`shapes_train`,
+    `shapes_test`) registered for `DATASETS.SHAPES`, the dataset generated if the run uses it,
+    the tiny CLIP built and cached if `MODEL.CLIP.PRETRAINED` is shapes-tiny (each done once)."""
+    spec = ShapesSpec.from_cfg(cfg)
+    names = register_shapes(spec, alias=True)
+    shapes_names = {f"shapes_{s}" for s in names} | set(names.values())
+    if shapes_names & (set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)):
+        ensure_shapes(spec)
+    if cfg.MODEL.CLIP.PRETRAINED == PROJECT_PRETRAINED:
+        ensure_shapes_tiny(cfg)
 
 
 def seed_all_rng(seed: int) -> int:

@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -20,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils import comm
 from ..utils.checkpoint import DetectionCheckpointer, PeriodicCheckpointer
 from ..utils.errors import UserError
+from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .hooks import CallbackHook, HookBase
 
 __all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule",
@@ -34,16 +34,10 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW (or SGD) over trainable parameters; no weight decay on biases, norms and scalars."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
     lr = cfg.SOLVER.BASE_LR
     if cfg.SOLVER.REFERENCE_BATCH > 0:
         lr *= cfg.SOLVER.IMS_PER_BATCH / cfg.SOLVER.REFERENCE_BATCH
-    groups = [{"params": decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_param_groups(model, cfg.SOLVER.WEIGHT_DECAY)
     if cfg.SOLVER.OPTIMIZER == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.SOLVER.BETAS))
     if cfg.SOLVER.OPTIMIZER == "SGD":
@@ -55,17 +49,14 @@ def lr_factor(cfg: Any, it: int) -> float:
     """Multiplier of the base LR at iteration `it`: linear warm-up then cosine / multistep / constant."""
     s = cfg.SOLVER
     if s.LR_SCHEDULER == "cosine":
-        f = 0.5 * (1.0 + math.cos(math.pi * it / max(s.MAX_ITER, 1)))
+        f = cosine_factor(it, s.MAX_ITER)
     elif s.LR_SCHEDULER == "multistep":
         f = s.GAMMA ** sum(it >= int(m * s.MAX_ITER) if m < 1 else it >= m for m in s.STEPS)
     elif s.LR_SCHEDULER == "constant":
         f = 1.0
     else:
         raise ValueError(f"SOLVER.LR_SCHEDULER '{s.LR_SCHEDULER}' is not one of cosine | multistep | constant")
-    if it < s.WARMUP_ITERS:
-        alpha = it / s.WARMUP_ITERS
-        f *= s.WARMUP_FACTOR * (1 - alpha) + alpha
-    return f
+    return f * warmup_factor(it, s.WARMUP_ITERS, s.WARMUP_FACTOR)
 
 
 def task_schedule(cfg: Any, num_images: int) -> Any:

@@ -6,6 +6,7 @@ import os
 
 from ..catalog import DatasetCatalog, MetadataCatalog
 from .coco import load_coco_json
+from .root import datasets_root
 from .voc import VOC_CLASSES, load_voc_instances, text_names
 
 __all__ = ["datasets_root", "COCO_CLASSES", "register_all_builtin"]
@@ -32,11 +33,6 @@ _COCO = {  # name: (images folder, annotation json)
     "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
     "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
 }
-
-
-def datasets_root() -> str:
-    """$CLCL_DATASETS, default ./datasets."""
-    return os.environ.get("CLCL_DATASETS", "datasets")
 
 
 def register_all_builtin() -> None:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Sequence
 
 from ..catalog import BoxMode, DatasetCatalog, MetadataCatalog
 from ...utils.errors import UserError
+from .root import datasets_root
 
 __all__ = ["VOC_CLASSES", "VOC_TEXT_NAMES", "load_voc_instances", "register_pascal_voc", "DatasetMissingError"]
 
@@ -41,7 +42,7 @@ class DatasetMissingError(UserError, FileNotFoundError):
 def _missing(path: str, what: str) -> DatasetMissingError:
     return DatasetMissingError(
         f"{what} not found at '{path}'. Place the data under $CLCL_DATASETS (now "
-        f"'{os.environ.get('CLCL_DATASETS', './datasets')}') as described in datasets/README.md, "
+        f"'{datasets_root()}') as described in datasets/README.md, "
         f"or set CLCL_DATASETS to the folder that holds it"
     )
 

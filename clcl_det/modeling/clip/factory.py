@@ -6,7 +6,7 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import open_clip
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from ...utils.seed import derive_seed
 
-__all__ = ["build_clip", "clip_cache_dir", "create_open_clip", "PROJECT_PRETRAINED"]
+__all__ = ["build_clip", "clip_cache_dir", "create_open_clip", "PROJECT_PRETRAINED", "register_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,15 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 PROJECT_PRETRAINED = "shapes-tiny"  # weights built by the project's own recipe and cached
+
+# MODEL.CLIP.PRETRAINED names whose checkpoint file a package above `modeling` knows: name -> fn(cfg) -> path
+_PRETRAINED_FILES: Dict[str, Callable[[Any], str]] = {}
+
+
+def register_pretrained(name: str, path_fn: Callable[[Any], str]) -> None:
+    """Make MODEL.CLIP.PRETRAINED `name` load the file `path_fn(cfg)` (prepared before the model is
+    built; `path_fn` raises FileNotFoundError with a one-line hint if it is missing)."""
+    _PRETRAINED_FILES[name] = path_fn
 
 
 @contextlib.contextmanager
@@ -57,9 +66,10 @@ def clip_cache_dir(cfg: Any = None) -> str:
 def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
     """The open_clip model (frozen, eval mode) and its tokenizer.
 
-    MODEL.CLIP.PRETRAINED: "" = random weights; "shapes-tiny" = the project's tiny CLIP, pretrained
-    on Shapes on first use and cached; a file path = a local checkpoint; anything else = an
-    open_clip pretrained tag (downloaded by open_clip into CACHE_DIR).
+    MODEL.CLIP.PRETRAINED: "" = random weights; "shapes-tiny" = the project's tiny CLIP (built and
+    cached by the entry point before the model is built, see `register_pretrained`); a file path =
+    a local checkpoint; anything else = an open_clip pretrained tag (downloaded by open_clip into
+    CACHE_DIR).
     """
     arch, pretrained = cfg.MODEL.CLIP.ARCH, cfg.MODEL.CLIP.PRETRAINED
     if arch not in open_clip.list_models():
@@ -68,10 +78,8 @@ def build_clip(cfg: Any) -> Tuple[nn.Module, Any]:
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.5)
         raise ConfigError(f"MODEL.CLIP.ARCH '{arch}' is not an open_clip architecture"
                           + (f"; closest: {', '.join(close)}" if close else "") + " (see open_clip.list_models())")
-    if pretrained == PROJECT_PRETRAINED:
-        from .pretrain import ensure_shapes_tiny
-
-        pretrained = ensure_shapes_tiny(cfg)
+    if pretrained in _PRETRAINED_FILES:
+        pretrained = _PRETRAINED_FILES[pretrained](cfg)
     elif pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             from ...config import ConfigError

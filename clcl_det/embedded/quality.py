@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .dense import CLIPDenseEncoder
+from ..modeling.clip.dense import CLIPDenseEncoder
 
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
@@ -183,9 +183,9 @@ def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_
     """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (the spec of
     `cfg.DATASETS.SHAPES`), with the prompt-ensembled class embeddings of `TextEncoder`
     (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
-    from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
-    from ...data.datasets.voc import load_voc_instances
-    from ..text import TextEncoder
+    from ..data.datasets.voc import load_voc_instances
+    from ..modeling.text import TextEncoder
+    from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
 
     dicts = load_voc_instances(ensure_shapes(ShapesSpec.from_cfg(cfg)), split, SHAPES_CLASSES)
     dicts = dicts[:num_images] if num_images else dicts
@@ -202,7 +202,7 @@ def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Seque
     from tabulate import tabulate
 
     if class_names is None:
-        from ...data.datasets.shapes import SHAPES_CLASSES as class_names  # type: ignore[no-redef]
+        from .shapes import SHAPES_CLASSES as class_names  # type: ignore[no-redef]
     hits, crops = results["dense_hit_rate"], results["crop_accuracy"]
     ph, pc = hits.per_class(class_names), crops.per_class(class_names)
     rows = [[n, int(t), f"{ph[n]:.1%}", f"{pc[n]:.1%}"] for n, t in zip(class_names, hits.total.tolist())]
@@ -210,3 +210,23 @@ def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Seque
     table = tabulate(rows, headers=["class", "boxes", "dense hit rate", "crop accuracy"], tablefmt="pipe")
     return f"dense hit rate {hits.overall:.1%} (chance {1 / len(class_names):.0%}), crop accuracy " \
            f"{crops.overall:.1%}\n{table}"
+
+
+def monitoring_fn(cfg: Any, num_images: int = 0) -> Callable[[nn.Module, int], None]:
+    """A callback for `pretrain_tiny_clip` that logs the quality on the first `num_images` (0 = all)
+    Shapes test images (measurement only: it does not train)."""
+    import logging
+
+    import open_clip
+
+    log = logging.getLogger(__name__)
+    tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.ARCH)
+
+    def fn(model: nn.Module, step: int) -> None:
+        res = measure_on_shapes(cfg, model, tokenizer, num_images=num_images or None)
+        final = step == cfg.MODEL.CLIP.TINY.ITERS
+        log.info(f"step {step}: " + (format_report(res) if final else
+                 f"dense hit rate {res['dense_hit_rate'].overall:.1%}, "
+                 f"crop accuracy {res['crop_accuracy'].overall:.1%}"))
+
+    return fn

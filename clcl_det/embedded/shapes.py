@@ -38,12 +38,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..catalog import DatasetCatalog, MetadataCatalog
-from .voc import load_voc_instances
+from ..data.catalog import DatasetCatalog, MetadataCatalog
+from ..data.datasets.root import datasets_root
+from ..data.datasets.voc import load_voc_instances
 
 __all__ = [
     "SHAPES_CLASSES", "SHAPE_COLOURS", "SHAPE_KINDS", "ShapesSpec", "ShapeObject", "shapes_root",
-    "ensure_shapes", "configure_shapes", "current_spec", "register_shapes", "render_image",
+    "ensure_shapes", "register_shapes", "variant_name", "render_image",
     "image_ids", "caption_for", "file_lock",
 ]
 
@@ -80,6 +81,7 @@ _DISTRACTOR_COLOURS: Tuple[Tuple[int, int, int], ...] = (
     (120, 80, 45), (150, 105, 60), (95, 65, 40), (200, 185, 160), (165, 150, 125),
 )
 _SPLIT_CODES = {"train": 0, "test": 1}
+SHAPES_SPLITS = ("train", "test", "val")  # registered splits; val = the test split of `ShapesSpec.val_spec()`
 _JPEG_QUALITY = 90
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and downsampled (anti-aliased edges)
 # Shapes are drawn upright and unstretched: a tiny CLIP trained from scratch in minutes learns
@@ -343,8 +345,9 @@ def _write_split(spec: ShapesSpec, split: str, root: str, progress: Any) -> None
 
 
 def shapes_root(spec: ShapesSpec) -> str:
-    """$CLCL_DATASETS/shapes for the default spec, else $CLCL_DATASETS/shapes_s{seed}_n{train}-{test}_{size}."""
-    base = os.environ.get("CLCL_DATASETS", "./datasets")
+    """<datasets root>/shapes for the default spec, else <root>/shapes_s{seed}_n{train}-{test}_{size}
+    (the root is `datasets_root()`: $CLCL_DATASETS, default ./datasets)."""
+    base = datasets_root()
     if spec.to_dict() == ShapesSpec().to_dict():
         return os.path.join(base, "shapes")
     return os.path.join(base, f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}")
@@ -370,13 +373,12 @@ def file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_shapes(spec: Optional[ShapesSpec] = None) -> str:
+def ensure_shapes(spec: ShapesSpec = ShapesSpec()) -> str:
     """The root of the generated dataset; generates it first if missing or incomplete.
 
     Generation writes into a temporary folder next to the root and renames it when complete
     (`spec.json` last), under a file lock so concurrent processes generate it once.
     """
-    spec = spec or current_spec()
     root = shapes_root(spec)
     if _is_complete(root, spec):
         return root
@@ -411,50 +413,56 @@ def ensure_shapes(spec: Optional[ShapesSpec] = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # registration
 
-_CURRENT_SPEC = ShapesSpec()
+
+def variant_name(spec: ShapesSpec, split: str) -> str:
+    """The registered dataset name of a split of `spec`: `shapes_<split>` for the default spec,
+    `shapes_s<seed>_n<train>-<test>_<size>_<split>` for any other."""
+    if split not in SHAPES_SPLITS:
+        raise ValueError(f"Shapes split must be one of {list(SHAPES_SPLITS)}, got '{split}'")
+    if split == "val":  # its own seed and count
+        default = ShapesSpec()
+        if (spec.val_seed, spec.num_val, spec.image_size) == (default.val_seed, default.num_val, default.image_size):
+            return "shapes_val"
+        return f"shapes_s{spec.val_seed}_n{spec.num_val}_{spec.image_size}_val"
+    if spec.to_dict() == ShapesSpec().to_dict():
+        return f"shapes_{split}"
+    return f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}_{split}"
 
 
-def configure_shapes(spec: ShapesSpec) -> None:
-    """Set the spec the registered `shapes_train` / `shapes_test` datasets generate and load."""
-    global _CURRENT_SPEC
-    if not isinstance(spec, ShapesSpec):
-        raise TypeError(f"configure_shapes needs a ShapesSpec, got {type(spec).__name__}")
-    _CURRENT_SPEC = spec
-    _set_metadata()
+def _set_metadata(name: str, spec: ShapesSpec, split: str) -> None:
+    if split == "val":  # the test split of val_spec(), in its own folder
+        if spec.val_seed == spec.seed:  # loading says why it cannot be
+            return
+        spec, split = spec.val_spec(), "test"
+    MetadataCatalog.get(name).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
+                                  dirname=shapes_root(spec), split=split)
 
 
-def current_spec() -> ShapesSpec:
-    return _CURRENT_SPEC
-
-
-def _set_metadata() -> None:
-    for split in _SPLIT_CODES:
-        MetadataCatalog.get(f"shapes_{split}").set(
-            thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
-            dirname=shapes_root(_CURRENT_SPEC), split=split,
-        )
-    if _CURRENT_SPEC.val_seed != _CURRENT_SPEC.seed:  # else loading shapes_val says why it cannot
-        MetadataCatalog.get("shapes_val").set(thing_classes=list(SHAPES_CLASSES), evaluator_type="pascal_voc",
-                                              dirname=shapes_root(_CURRENT_SPEC.val_spec()), split="test")
-
-
-def _load(split: str) -> List[Dict[str, Any]]:
+def _load(name: str, spec: ShapesSpec, split: str) -> List[Dict[str, Any]]:
     if split == "val":
-        dicts = load_voc_instances(ensure_shapes(_CURRENT_SPEC.val_spec()), "test", SHAPES_CLASSES)
-        _set_metadata()
+        dicts = load_voc_instances(ensure_shapes(spec.val_spec()), "test", SHAPES_CLASSES)
+        _set_metadata(name, spec, split)
         return [{**d, "image_id": "val" + str(d["image_id"])[len("test"):]} for d in dicts]
-    root = ensure_shapes(_CURRENT_SPEC)
-    _set_metadata()  # $CLCL_DATASETS may have changed since registration
+    root = ensure_shapes(spec)
+    _set_metadata(name, spec, split)  # $CLCL_DATASETS may have changed since registration
     return load_voc_instances(root, split, SHAPES_CLASSES)
 
 
-def register_shapes() -> None:
-    """Register `shapes_train`, `shapes_test` and `shapes_val` (idempotent)."""
-    for split in list(_SPLIT_CODES) + ["val"]:
-        name = f"shapes_{split}"
-        if name not in DatasetCatalog:
-            DatasetCatalog.register(name, lambda split=split: _load(split))
-    _set_metadata()
+def register_shapes(spec: ShapesSpec = ShapesSpec(), alias: bool = False) -> Dict[str, str]:
+    """Register every split of `spec` (train, test and val) under `variant_name` (idempotent) and
+    return {split: name}. With `alias`, the names the configs use (`shapes_<split>`) are pointed at
+    `spec` too."""
+    if not isinstance(spec, ShapesSpec):
+        raise TypeError(f"register_shapes needs a ShapesSpec, got {type(spec).__name__}")
+    names = {}
+    for split in SHAPES_SPLITS:
+        names[split] = variant_name(spec, split)
+        for name in dict.fromkeys([names[split]] + ([f"shapes_{split}"] if alias else [])):
+            if name in DatasetCatalog:
+                DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, lambda name=name, split=split: _load(name, spec, split))
+            _set_metadata(name, spec, split)
+    return names
 
 
 register_shapes()

@@ -21,6 +21,12 @@ apart before the images join. The ViT starts from a mimetic initialisation of it
 (`TINY.MIMETIC_INIT`, Trockman & Kolter 2023) and uses fixed 2-D sin-cos positions: without
 them a ViT trained from scratch stays at chance on *shape* (it learns colour at once) for longer
 than the whole recipe. Warm-up then cosine decay; AdamW.
+
+The recipe runs in a child process under pinned numerics (`pinned_env`, `pin_numerics`): ATen's
+kernels at AVX2 even on AVX-512 CPUs, MKL in conditional-numerical-reproducibility mode at AVX2,
+oneDNN off, two threads whatever the machine. Without them the checkpoint's bytes followed the
+CPU's instruction set (the kernels' reduction order does); with them every x86-64 CPU with AVX2
+builds the same file (`tools/tiny_clip_repro.py` checks the variations one machine can produce).
 """
 from __future__ import annotations
 
@@ -41,13 +47,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ...data.datasets.shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
-from ...data.datasets.voc import load_voc_instances
-from ..text import TEMPLATE_SETS
-from .dense import CLIPDenseEncoder
-from ...utils.checkpoint import atomic_torch_save
-from .factory import clip_cache_dir, create_open_clip
+from ..data.datasets.voc import load_voc_instances
+from ..modeling.clip.dense import CLIPDenseEncoder
+from ..modeling.clip.factory import PROJECT_PRETRAINED, clip_cache_dir, create_open_clip, register_pretrained
+from ..modeling.text import TEMPLATE_SETS
+from ..utils.checkpoint import atomic_torch_save
+from ..utils.device import resolve_device
+from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .quality import box_cell_mask
+from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
 
@@ -87,25 +95,125 @@ def tiny_clip_path(cfg: Any) -> str:
     return os.path.join(clip_cache_dir(cfg), name)
 
 
-def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
-                       ) -> str:
-    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
-    `force`). Building runs under a file lock (concurrent processes build it once) and the file
-    is written atomically."""
+def built_tiny_clip_path(cfg: Any) -> str:
+    """`tiny_clip_path(cfg)` if it is built (what MODEL.CLIP.PRETRAINED "shapes-tiny" loads), else a
+    FileNotFoundError saying how to build it."""
     path = tiny_clip_path(cfg)
-    if os.path.isfile(path) and not force:
-        return path
-    with file_lock(path + ".lock"):
-        if os.path.isfile(path) and not force:  # built by another process while we waited
-            return path
-        t = cfg.MODEL.CLIP.TINY
-        est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
-        logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
-                    f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
-        start = time.perf_counter()
-        pretrain_tiny_clip(cfg, path, eval_fn=eval_fn)
-        logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min: '{path}'")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED '{PROJECT_PRETRAINED}': the tiny CLIP '{path}' is not built; "
+                                f"tools/train_net.py builds it first (or run tools/pretrain_tiny_clip.py)")
     return path
+
+
+register_pretrained(PROJECT_PRETRAINED, built_tiny_clip_path)
+
+
+def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_images: int = 0) -> str:
+    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
+    `force`) by `build_pinned`. Building runs under a file lock (concurrent processes build it
+    once); the sha256 of the file is logged either way."""
+    path = tiny_clip_path(cfg)
+    if not (os.path.isfile(path) and not force):
+        with file_lock(path + ".lock"):
+            if force or not os.path.isfile(path):  # else built by another process while we waited
+                t = cfg.MODEL.CLIP.TINY
+                est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
+                logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
+                            f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
+                start = time.perf_counter()
+                build_pinned(cfg, path, eval_images=eval_images)
+                logger.info(f"Tiny CLIP pretrained in {(time.perf_counter() - start) / 60:.1f} min")
+    logger.info(f"tiny CLIP '{path}' sha256 {file_sha256(path)}")
+    return path
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# pinned numerics: the same bytes on every x86-64 CPU with AVX2
+
+PINNED_THREADS = 2  # intra-op threads of the build, whatever the machine (reductions split by thread count)
+
+
+def pinned_env(threads: int = PINNED_THREADS) -> Dict[str, str]:
+    """Environment of the build process: ATen's kernels at AVX2 (not AVX-512), MKL in conditional
+    numerical reproducibility mode at AVX2 (`MKL_CBWR`), oneDNN capped at AVX2, a fixed thread count."""
+    env = dict(os.environ)
+    env.update({
+        "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MKL_DYNAMIC": "FALSE",
+        "OMP_DYNAMIC": "FALSE", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def pin_numerics(threads: int = PINNED_THREADS) -> None:
+    """In the build process (after `pinned_env`): fixed threads, no oneDNN (its kernel choice depends
+    on cache sizes), deterministic algorithms; warns if ATen did not run at AVX2."""
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = False
+    torch.use_deterministic_algorithms(True)
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap != "AVX2" or os.environ.get("MKL_CBWR") != "AVX2,STRICT":
+        logger.warning(f"tiny CLIP build: CPU kernels at {cap} (MKL_CBWR={os.environ.get('MKL_CBWR')}), not AVX2: "
+                       f"the checkpoint will not be bit-identical to the one built on x86-64 AVX2 CPUs")
+
+
+def build_pinned(cfg: Any, out_path: str, eval_images: int = 0, threads: int = PINNED_THREADS,
+                 env: Optional[Dict[str, str]] = None, prefix: Sequence[str] = ()) -> None:
+    """Run the recipe of `cfg` in a child process under `pinned_env` and write the checkpoint to
+    `out_path` (the child logs to this process's stderr). `env` replaces `pinned_env()` and
+    `prefix` (e.g. `taskset -c 0`) goes before the command: both for `tools/tiny_clip_repro.py`."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tiny_clip_") as tmp:
+        cfg_file = os.path.join(tmp, "config.yaml")
+        with open(cfg_file, "w") as f:
+            f.write(cfg.dump())
+        cmd = list(prefix) + [sys.executable, "-m", "clcl_det.embedded.tiny_clip", cfg_file, out_path,
+               "--threads", str(threads), "--eval-images", str(eval_images)]
+        child_env = pinned_env(threads) if env is None else env
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        child_env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [child_env.get("PYTHONPATH", "")] if p])
+        rc = subprocess.call(cmd, env=child_env)
+    if rc != 0 or not os.path.isfile(out_path):
+        raise RuntimeError(f"the tiny CLIP build failed (exit code {rc}; command: {' '.join(cmd)}): see the log above")
+
+
+def _child_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m clcl_det.embedded.tiny_clip CONFIG.yaml OUT.pt`: the build process."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build the tiny CLIP under pinned numerics (run by build_pinned).")
+    p.add_argument("config")
+    p.add_argument("output")
+    p.add_argument("--threads", type=int, default=PINNED_THREADS)
+    p.add_argument("--eval-images", type=int, default=0)
+    args = p.parse_args(argv)
+    from ..config import CfgNode
+    from ..utils.logger import setup_logger
+
+    setup_logger(name="clcl_det")
+    pin_numerics(args.threads)
+    with open(args.config) as f:
+        import yaml
+
+        cfg = CfgNode(yaml.safe_load(f))
+    eval_fn = None
+    if args.eval_images or cfg.MODEL.CLIP.TINY.EVAL_PERIOD > 0:
+        from .quality import monitoring_fn
+
+        eval_fn = monitoring_fn(cfg, args.eval_images)
+    pretrain_tiny_clip(cfg, args.output, eval_fn=eval_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +437,9 @@ class _PromptSampler:
 # the recipe
 
 
+_NO_DECAY = ("embedding",)  # positional / token embeddings: no weight decay (nor on norms, biases, scales)
+
+
 @torch.no_grad()
 def mimetic_init(visual: nn.Module, gen: torch.Generator, qk: Tuple[float, float] = (0.7, 0.7),
                  vo: Tuple[float, float] = (0.4, 0.4)) -> None:
@@ -356,32 +467,6 @@ def mimetic_init(visual: nn.Module, gen: torch.Generator, qk: Tuple[float, float
         attn.out_proj.weight.copy_((sq[:, None] * vh).T)  # W_o
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embedding" in name or name == "logit_scale":  # norms, biases, embeddings
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_factor(it: int, total: int, warmup: int) -> float:
-    if it < warmup:
-        return (it + 1) / warmup
-    progress = (it - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _device(cfg: Any) -> torch.device:
-    want = cfg.MODEL.DEVICE
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
-
-
 def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.Module, int], None]] = None
                        ) -> Dict[str, float]:
     """Run the recipe `cfg.MODEL.CLIP.TINY` and save the state_dict atomically at `out_path`.
@@ -391,7 +476,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     """
     t = cfg.MODEL.CLIP.TINY
     arch = cfg.MODEL.CLIP.ARCH
-    device = _device(cfg)
+    device = resolve_device(cfg.MODEL.DEVICE)
     spec = ShapesSpec.from_cfg(cfg)
     data = ShapesTrainData.load(ensure_shapes(spec))
     names = list(SHAPES_CLASSES) + [cfg.MODEL.CLIP.BACKGROUND_PROMPT]
@@ -415,7 +500,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     batches = _Batches(data, K, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, encoder.patch_size, t.MAX_ZOOM,
                        tuple(t.CROP_CONTEXT), t.SEED + 2)
     prompts = _PromptSampler(tokenizer, names, t.TEMPLATES, t.PROMPTS_PER_CLASS, gen)
-    opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+    opt = torch.optim.AdamW(decay_param_groups(model, t.WEIGHT_DECAY, _NO_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
                             foreach=True)
     warmup = int(round(t.WARMUP_ITERS))
     log_period = max(1, t.ITERS // 20)
@@ -424,11 +509,11 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     from tqdm import tqdm
 
     bar = tqdm(range(t.ITERS), desc="tiny CLIP", unit="step", leave=False, disable=None)
-    text_opt = torch.optim.AdamW(_param_groups(model, t.WEIGHT_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
+    text_opt = torch.optim.AdamW(decay_param_groups(model, t.WEIGHT_DECAY, _NO_DECAY), lr=t.LR, betas=(0.9, 0.98), eps=1e-6,
                             foreach=True)
     for it in range(t.TEXT_WARMUP_ITERS):  # separate the class captions before the images join
         for g in text_opt.param_groups:
-            g["lr"] = t.LR * min(1.0, (it + 1) / max(1, t.TEXT_WARMUP_ITERS // 4))
+            g["lr"] = t.LR * warmup_factor(it, t.TEXT_WARMUP_ITERS // 4, 1 / max(1, t.TEXT_WARMUP_ITERS // 4))
         _, text_loss = prompts(model)
         text_opt.zero_grad(set_to_none=True)
         text_loss.backward()
@@ -438,7 +523,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     del text_opt
     for it in bar:
         for g in opt.param_groups:
-            g["lr"] = t.LR * _lr_factor(it, t.ITERS, warmup)
+            g["lr"] = t.LR * cosine_factor(it, t.ITERS) * warmup_factor(it, warmup, 1 / max(1, warmup))
         text, text_loss = prompts(model)  # (K + 1, D)
         scale = model.logit_scale.exp().clamp(max=100.0)
         loss = t.TEXT_WEIGHT * text_loss
@@ -468,8 +553,12 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
                 obj = target[:, 0] < 0.5
                 stats["cell_acc"] = float((logits.argmax(1) == target.argmax(1))[obj].float().mean())
         if t.CROP_BATCH_SIZE > 0:
-            crops, labels = batches.crops(t.CROP_BATCH_SIZE, size)
-            feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
+            crop_size = t.CROP_SIZE or size
+            crops, labels = batches.crops(t.CROP_BATCH_SIZE, crop_size)
+            cells = crop_size // encoder.patch_size  # smaller crops take the centre of the position grid
+            offset = (size // encoder.patch_size - cells) // 2
+            with _positional_window(model.visual, offset, offset, cells, cells):
+                feats = F.normalize(model.encode_image(crops.to(device)), dim=-1)
             crop_loss = F.cross_entropy(scale * feats @ text[:K].T, labels.to(device))
             loss = loss + crop_loss
             stats["crop"] = float(crop_loss.detach())
@@ -497,3 +586,7 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
         eval_fn(model, t.ITERS)
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_path)
     return stats
+
+
+if __name__ == "__main__":
+    _child_main()
