@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from clcl_det.config import ConfigError, get_cfg, resolve_config_path
-from clcl_det.engine import HookBase, Predictor, TaskTrainer, auto_scale_schedule
-from clcl_det.engine.predictor import trained_tasks
+from clcl_det.continual import Predictor
+from clcl_det.continual.predictor import trained_tasks
+from clcl_det.engine import HookBase, TaskTrainer, auto_scale_schedule
 from clcl_det.engine.trainer import build_optimizer, unused_parameters
 from clcl_det.utils.errors import run_cli
 

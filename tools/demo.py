@@ -19,7 +19,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from clcl_det.config import ConfigError
 from clcl_det.data.mapper import read_image
-from clcl_det.engine import Predictor, setup_cfg
+from clcl_det.continual import Predictor
+from clcl_det.engine import setup_cfg
 from clcl_det.utils.errors import run_cli
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -43,7 +43,7 @@ class Predictor:
     """
 
     def __init__(self, cfg: CfgNode, weights: Optional[str] = None, score_thresh: Optional[float] = None):
-        from ..continual.loop import ContinualRunner
+        from .loop import ContinualRunner
         from ..data.mapper import DatasetMapper
 
         weights = weights or cfg.MODEL.WEIGHTS
@@ -70,7 +70,7 @@ class Predictor:
                  score_thresh: Optional[float] = None) -> "Predictor":
         """The model after `task` (1-based, as in task_<t>/; -1 = the last trained task) of the run in
         `output_dir`, with the run's config.yaml (its plugins imported) and `opts` overrides."""
-        from .defaults import setup_cfg
+        from ..engine.defaults import setup_cfg
 
         cfg_path = os.path.join(output_dir, "config.yaml")
         if not os.path.isfile(cfg_path):
