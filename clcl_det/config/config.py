@@ -159,7 +159,7 @@ class CfgNode(_FvCfgNode):
 # method: the in-tree methods are loaded by module name (BUILTIN_METHOD_MODULES), the way
 # PLUGINS are, and register their functions when imported. A plugin's `add_config(cfg)` is called
 # by `setup_cfg` (or it may use `@register_config` itself).
-X
+BUILTIN_METHOD_MODULES = ("clcl_det.modeling", "clcl_det.embedded")  # imported by get_cfg(): they register the in-tree keys
 _CONFIG_ADDERS: "Dict[str, Callable[[CfgNode], None]]" = {}
 
 
