@@ -408,3 +408,38 @@ def test_overrides_config_paths_and_coco_registration(tmp_path):
         for n in ("i15_d2", "i15_ours"):
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_eval_period_evaluates_inside_a_task(reference_run, tmp_path):
+    from types import SimpleNamespace
+
+    from clcl_det.continual import ContinualRunner
+    from clcl_det.engine import setup_cfg
+    from clcl_det.engine.hooks import PeriodicEvaluation, build_hooks
+
+    out, _ = reference_run
+    cfg = setup_cfg(os.path.join(out, "config.yaml"), ["OUTPUT_DIR", str(tmp_path), "TEST.EVAL_PERIOD", "2"])
+    runner = ContinualRunner(cfg)
+    seen = []
+
+    class Rec(HookBase):
+        def after_evaluation(self, task, stage, tag):
+            seen.append((task.index, tag, stage["summary"]["mAP@A"]))
+
+    runner.register_hooks([Rec()])
+    hook = next(h for h in runner.hooks if isinstance(h, PeriodicEvaluation))
+    assert [type(h).__name__ for h in build_hooks(cfg)] == ["TensorBoardWriter", "PeriodicEvaluation"]
+    model = runner.load_task_model(0, os.path.join(out, "task_1", "model_final.pth"))
+    hook.trainer = SimpleNamespace(iter=0, max_iter=4, task_index=0, model=model)
+    hook.after_step()  # iteration 1: not a multiple of the period
+    hook.trainer.iter = 1
+    hook.after_step()  # iteration 2: evaluated
+    hook.trainer.iter = 3
+    hook.after_step()  # the task's last iteration: left to the stage evaluation
+    with open(tmp_path / "task_1" / "eval_iter_2" / "metrics.json") as f:
+        m = json.load(f)
+    with open(os.path.join(out, "task_1", "metrics.json")) as f:
+        ref = json.load(f)  # the same weights (task 1's final model): the same seen-class APs
+    assert m["per_class"] == ref["per_class"] and not m["zero_shot"]
+    assert seen == [(0, "iter_2", m["summary"]["mAP@A"])]
+    assert os.path.isfile(tmp_path / "task_1" / "eval_iter_2" / "coco_instances_results.json")
