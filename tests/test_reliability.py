@@ -393,6 +393,7 @@ def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run,
     ref, _ = reference_run
     out = str(tmp_path / "run")
     shutil.copytree(ref, out)
+    os.remove(os.path.join(out, "task_2", "model_final.pth"))  # only task 1 is trained: one evaluation (speed)
     before = {t: open(os.path.join(out, f"task_{t}", "metrics.json"), "rb").read() for t in (1, 2)}
     summary_before = open(os.path.join(out, "summary.json"), "rb").read()
     cfg = tiny_cfg(out, DETERMINISTIC="True", **{"TEST.ZERO_SHOT": "False"})  # seen classes are enough here
@@ -401,11 +402,11 @@ def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run,
     runner.evaluate()
     for t in (1, 2):
         assert open(os.path.join(out, f"task_{t}", "metrics.json"), "rb").read() == before[t]
-        fresh = json.load(open(os.path.join(out, "eval_1", f"task_{t}", "metrics.json")))
-        assert fresh["per_class"] == json.loads(before[t])["per_class"]
+    fresh = json.load(open(os.path.join(out, "eval_1", "task_1", "metrics.json")))
+    assert fresh["per_class"] == json.loads(before[1])["per_class"]
     assert open(os.path.join(out, "summary.json"), "rb").read() == summary_before
-    assert os.path.isfile(os.path.join(out, "eval_1", "summary.json"))
-    assert os.path.isfile(os.path.join(out, "eval_1", "config.yaml"))
+    assert sorted(os.listdir(os.path.join(out, "eval_1"))) == ["config.yaml", "summary.json", "summary.png",
+                                                               "summary.txt", "task_1"]
     assert runner._new_eval_dir() == os.path.join(out, "eval_2")  # the next evaluation gets its own folder
 
 
