@@ -146,8 +146,8 @@ _C.MODEL.ENSEMBLE.ALPHA = 0.3  # weight a of the CLIP score
 _C.MODEL.ENSEMBLE.CLIP_TEMPERATURE = 100.0  # logit scale of the RoI-pooled dense CLIP score
 
 _C.MODEL.COST_VOLUME = CN()  # CL-CLIP: dense V.T^T cosine volume and its prior
-_C.MODEL.COST_VOLUME.TEMPERATURE = 0.01  # prior = softmax_k(C / T)
-_C.MODEL.COST_VOLUME.NORM = "softmax"  # softmax | sigmoid | none
+_C.MODEL.COST_VOLUME.TEMPERATURE = 0.01  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T)
+_C.MODEL.COST_VOLUME.NORM = "sigmoid"  # sigmoid (per class: independent of later classes) | softmax (over all seen classes) | none
 _C.MODEL.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
 
 _C.MODEL.MULTI_EXPERT = CN()  # CL-CLIP: per-category expert RoI head
@@ -156,7 +156,9 @@ _C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
 _C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
 _C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
 _C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
-_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP.yaml)
+_C.MODEL.MULTI_EXPERT.POOL_SIZE = 1  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
+_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
+_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 0.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
 
 _C.MODEL.CLCLIP = CN()  # CL-CLIP continual terms
 _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)

@@ -4,7 +4,7 @@ appears and frozen after its task. Background and boxes come from the shared F-V
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +25,21 @@ _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway 
 
 class ExpertChunk(nn.Module):
     """The experts of one task's n classes, stored stacked: expert i is
-    conv3x3(C->E) -> ReLU -> conv3x3(E->E) -> ReLU -> global mean -> fc(E->D), plus the chunk's
-    logit scale. Freezing the chunk freezes exactly these classes."""
+    conv3x3(C->E) -> ReLU -> conv3x3(E->E) -> ReLU -> average pool to G x G -> flatten ->
+    fc(E*G*G -> D), plus the chunk's logit scale (G = 1: global mean). Freezing the chunk
+    freezes exactly these classes."""
 
-    def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+    def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float,
+                 pool_size: int = 1):
         super().__init__()
         self.n = n
         conv1 = nn.Conv2d(in_channels, n * expert_dim, 3, padding=1)
         conv2 = nn.Conv2d(expert_dim, n * expert_dim, 3, padding=1)
         self.w1, self.b1 = nn.Parameter(conv1.weight.detach()), nn.Parameter(conv1.bias.detach())
         self.w2, self.b2 = nn.Parameter(conv2.weight.detach()), nn.Parameter(conv2.bias.detach())
-        bound = 1.0 / math.sqrt(expert_dim)
-        self.fc_w = nn.Parameter(torch.empty(n, expert_dim, embed_dim).uniform_(-bound, bound))
+        fan_in = expert_dim * pool_size * pool_size
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's init for this fan-in
+        self.fc_w = nn.Parameter(torch.empty(n, fan_in, embed_dim).uniform_(-bound, bound))
         self.fc_b = nn.Parameter(torch.empty(n, embed_dim).uniform_(-bound, bound))
         self.logit_scale = nn.Parameter(torch.full((n,), math.log(temperature)))
 
@@ -45,10 +48,10 @@ class ExpertBank(nn.Module):
     """All experts so far, one chunk per task, evaluated as grouped convolutions (no loop over
     classes): every class at once, or a per-RoI subset of classes."""
 
-    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float, pool_size: int = 1):
         super().__init__()
         self.in_channels, self.expert_dim, self.embed_dim = in_channels, expert_dim, embed_dim
-        self.temperature = temperature
+        self.temperature, self.pool_size = temperature, pool_size
         self.chunks = nn.ModuleList()
 
     @property
@@ -56,7 +59,7 @@ class ExpertBank(nn.Module):
         return sum(c.n for c in self.chunks)
 
     def add(self, n: int) -> ExpertChunk:
-        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature)
+        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature, self.pool_size)
         device = next(self.parameters()).device if len(self.chunks) else None
         self.chunks.append(chunk.to(device) if device is not None else chunk)
         return chunk
@@ -64,10 +67,19 @@ class ExpertBank(nn.Module):
     def _cat(self, name: str) -> Tensor:
         return torch.cat([getattr(c, name) for c in self.chunks], dim=0)
 
+    def _pool(self, h: Tensor, R: int, S: int) -> Tensor:
+        """R*S*E maps of P x P (as R x S*E x P x P) -> R x S x E*G*G."""
+        E, G = self.expert_dim, self.pool_size
+        if G == 1:
+            return h.view(R, S, E, -1).mean(dim=3)
+        if G != h.shape[-1]:
+            h = F.adaptive_avg_pool2d(h, G)
+        return h.reshape(R, S, E * G * G)
+
     def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
-        classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation maps R x S x P*P (channel mean
-        of the first conv, after ReLU) and logit scales R x S."""
+        classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation
+        maps R x S x P*P (channel mean of the first conv, after ReLU) and logit scales R x S."""
         R, S, C, P, _ = x.shape
         E, K = self.expert_dim, self.num_experts
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
@@ -78,8 +90,8 @@ class ExpertBank(nn.Module):
             n = S * E
             h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S))
             act = h.view(R, S, E, P * P).mean(dim=2)
-            h = F.relu(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S)).view(R, S, E, P * P).mean(dim=3)
-            z = torch.einsum("rse,sed->rsd", h, fc_w[:S]) + fc_b[:S]
+            h = self._pool(F.relu(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S)), R, S)
+            z = torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S]
             return z, act, scale[:S].expand(R, S)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         flat = idx.reshape(-1)
@@ -89,8 +101,15 @@ class ExpertBank(nn.Module):
                             groups=R * S))
         act = h.view(R, S, E, P * P).mean(dim=2)
         h = F.relu(F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S))
-        h = h.view(R, S, E, P * P).mean(dim=3)
-        z = torch.einsum("rse,rsed->rsd", h, fc_w[idx]) + fc_b[idx]
+        h = self._pool(h.view(R, S * E, P, P), R, S)
+        if self.pool_size == 1:  # small fc weights: gather them per pair
+            z = torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx]
+        else:  # E*G*G x D per pair is too much to gather: one matmul per selected class
+            hf, z = h.reshape(R * S, -1), h.new_empty(R * S, fc_w.shape[2])
+            for k in flat.unique().tolist():
+                rows = (flat == k).nonzero().squeeze(1)
+                z[rows] = hf[rows] @ fc_w[k] + fc_b[k]
+            z = z.view(R, S, -1)
         return z, act, scale[idx]
 
 
@@ -106,18 +125,20 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     @configurable
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
-                 prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
-                 expert_temperature: float = 50.0, **kwargs: Any):
+                 prior_norm: str = "sigmoid", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
+                 expert_temperature: float = 50.0, pool_size: int = 1, shared_class_loss_weight: float = 0.0,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
         if prior_norm not in PRIOR_NORMS:
             raise ValueError(f"MODEL.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
         self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
-                                  self.embed.out_features, expert_temperature)
+                                  self.embed.out_features, expert_temperature, pool_size)
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
+        self.shared_class_loss_weight = shared_class_loss_weight
         self.resolution = self.pooler.output_size[0] if isinstance(self.pooler.output_size, (tuple, list)) \
             else self.pooler.output_size
 
@@ -128,7 +149,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         kw.update(expert_dim=me.EXPERT_DIM, gating=me.GATING, gamma=me.GAMMA, topk=me.TOPK, freeze=me.FREEZE,
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
-                  shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE)
+                  shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
+                  pool_size=me.POOL_SIZE, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
@@ -149,11 +171,25 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         R, P = sum(len(r) for r in rois), self.resolution
         if not self.use_cost_volume:
             return ctx.clip_dense.new_full((R, num, P, P), 1.0 / (ctx.num_classes + 1))
-        if "prior" not in ctx.extras:  # once per batch: B x (K+1) x h x w
-            ctx.extras["prior"] = category_prior(ctx.clip_dense, ctx.class_embeddings, ctx.background_embedding,
-                                                 self.prior_temperature, self.prior_norm)
+        if "prior" not in ctx.extras:  # once per batch: B x K_experts x h x w
+            ctx.extras["prior"] = self.expert_prior(ctx)
         prior = ctx.extras["prior"][:, :num]
         return roi_align(prior, list(rois), P, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2, aligned=True)
+
+    def expert_prior(self, ctx: HeadContext) -> Tensor:
+        """The prior of every class that has an expert, B x K x h x w, computed task by task
+        (one expert chunk at a time): a class's map depends on its own task's vocabulary and the
+        background only (per class for NORM sigmoid, over its task's classes for softmax), so
+        classes added later cannot change it, not even in the last bit."""
+        parts, start = [], 0
+        for chunk in self.experts.chunks:
+            stop = min(start + chunk.n, ctx.num_classes)
+            if stop <= start:
+                break
+            parts.append(category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
+                                        self.prior_temperature, self.prior_norm)[:, :-1])
+            start = stop
+        return torch.cat(parts, dim=1)
 
     def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
         """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
@@ -196,10 +232,22 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             s = torch.full((len(s), K), float("-inf"), device=s.device, dtype=s.dtype).scatter(1, idx, s)
         if self.shared_class_logits:
             s = s + shared[:, :K]
+        out["shared_logits"] = shared
         out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
         out["expert_maps"] = F.normalize(act, dim=-1)
         out["prior_mean"] = prior_mean
         return out
+
+    def forward(self, features: Dict[str, Tensor], proposals: List[Tensor], ctx: HeadContext,
+                targets: Optional[List[Dict[str, Tensor]]] = None,
+                seeds: Optional[Sequence[Optional[int]]] = None) -> Tuple[Any, Dict[str, Any]]:
+        """The F-ViT head's forward; in training, plus the shared branch's own classification
+        loss (`loss_cls_shared`): its embedding scores the classes that have no expert yet."""
+        result, out = super().forward(features, proposals, ctx, targets, seeds)
+        if self.training and self.shared_class_loss_weight > 0 and "shared_logits" in out:
+            loss = self.cls_head.losses(out["shared_logits"], out["labels"], out["embeddings"], ctx)["loss_cls"]
+            result["loss_cls_shared"] = self.shared_class_loss_weight * loss
+        return result, out
 
     def pathways(self, f: Tensor, m: Tensor) -> Tensor:
         """Class pathways of RoI features f (R x C x P x P) under the prior m (R x S x P x P):
