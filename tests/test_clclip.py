@@ -47,12 +47,17 @@ def test_cost_volume_brute_force():
     torch.testing.assert_close(P.sum(1), torch.ones(2, 3, 4))
 
 
-@pytest.mark.parametrize("topk", [0, 2])
-def test_grouped_experts_equal_per_class_loop(topk):
+@pytest.mark.parametrize("topk,pool,norm", [(0, 1, False), (2, 1, False), (0, 3, True), (2, 7, True)])
+def test_grouped_experts_equal_per_class_loop(topk, pool, norm):
     torch.manual_seed(0)
-    bank = ExpertBank(in_channels=6, expert_dim=3, embed_dim=5, temperature=10.0)
+    bank = ExpertBank(in_channels=6, expert_dim=3, embed_dim=5, temperature=10.0, pool_size=pool, norm=norm)
     bank.add(3)
     bank.add(2)  # a second task's chunk
+    if norm:  # non-trivial affine parameters
+        with torch.no_grad():
+            for p in bank.parameters():
+                if p.ndim == 1 and p.numel() == p.shape[0] and p.shape[0] % 3 == 0:
+                    p.add_(0.3 * torch.randn_like(p))
     K, R = 5, 4
     x_all = torch.randn(R, K, 6, 7, 7)
     idx = None if topk == 0 else torch.stack([torch.randperm(K)[:topk] for _ in range(R)])
@@ -60,18 +65,29 @@ def test_grouped_experts_equal_per_class_loop(topk):
     z, act, scale = bank(x, idx)
     # reference: a python loop over RoIs and their classes with each expert's own weights
     experts = [(c, i) for c in bank.chunks for i in range(c.n)]
+    E = bank.expert_dim
+
+    def gn(h, c, i, layer):  # layer norm of one expert's E x 7 x 7 block, then its per-channel affine
+        if not norm:
+            return h
+        h = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5)
+        w, b = getattr(c, f"g{layer}_w")[i * E:(i + 1) * E], getattr(c, f"g{layer}_b")[i * E:(i + 1) * E]
+        return h * w[None, :, None, None] + b[None, :, None, None]
+
     for r in range(R):
         classes = range(K) if idx is None else idx[r].tolist()
         for s, k in enumerate(classes):
             c, i = experts[k]
-            E = bank.expert_dim
-            h = F.relu(F.conv2d(x[r, s][None], c.w1[i * E:(i + 1) * E], c.b1[i * E:(i + 1) * E], padding=1))
+            h = F.relu(gn(F.conv2d(x[r, s][None], c.w1[i * E:(i + 1) * E], c.b1[i * E:(i + 1) * E], padding=1), c, i, 1))
             a = h.mean(1).flatten()
-            h = F.relu(F.conv2d(h, c.w2[i * E:(i + 1) * E], c.b2[i * E:(i + 1) * E], padding=1)).mean((2, 3))[0]
-            ref = h @ c.fc_w[i] + c.fc_b[i]
+            h = F.relu(gn(F.conv2d(h, c.w2[i * E:(i + 1) * E], c.b2[i * E:(i + 1) * E], padding=1), c, i, 2))[0]
+            cells = [h[:, (7 * gy) // pool:-(-7 * (gy + 1) // pool), (7 * gx) // pool:-(-7 * (gx + 1) // pool)].mean((1, 2))
+                     for gy in range(pool) for gx in range(pool)]  # adaptive average pooling, cell by cell
+            feat = torch.stack(cells, dim=1).flatten()  # E x G*G, channel-major like a flatten of E x G x G
+            ref = feat @ c.fc_w[i] + c.fc_b[i]
             torch.testing.assert_close(z[r, s], ref, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(act[r, s], a, rtol=1e-4, atol=1e-5)
-            assert float(scale[r, s].detach()) == pytest.approx(float(c.logit_scale[i].exp()))
+            assert float(scale[r, s].detach()) == pytest.approx(float(c.logit_scale[i].detach().exp()))
     if idx is None:  # an earlier vocabulary (the first task's 3 classes) uses the first 3 experts
         z3, act3, scale3 = bank(x_all[:, :3], None)
         torch.testing.assert_close(z3, z[:, :3]), torch.testing.assert_close(act3, act[:, :3])

@@ -156,6 +156,7 @@ _C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
 _C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
 _C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
 _C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
+_C.MODEL.MULTI_EXPERT.NORM = "none"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none
 _C.MODEL.MULTI_EXPERT.POOL_SIZE = 1  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
 _C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
 _C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 0.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)

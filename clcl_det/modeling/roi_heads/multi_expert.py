@@ -25,14 +25,17 @@ _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway 
 
 class ExpertChunk(nn.Module):
     """The experts of one task's n classes, stored stacked: expert i is
-    conv3x3(C->E) -> ReLU -> conv3x3(E->E) -> ReLU -> average pool to G x G -> flatten ->
-    fc(E*G*G -> D), plus the chunk's logit scale (G = 1: global mean). Freezing the chunk
-    freezes exactly these classes."""
+    conv3x3(C->E) -> [GN] -> ReLU -> conv3x3(E->E) -> [GN] -> ReLU -> average pool to G x G ->
+    flatten -> fc(E*G*G -> D), plus the chunk's logit scale (G = 1: global mean; GN: a group norm
+    over each expert's own E channels, with `norm`). Freezing the chunk freezes exactly these classes."""
 
     def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float,
-                 pool_size: int = 1):
+                 pool_size: int = 1, norm: bool = False):
         super().__init__()
         self.n = n
+        if norm:
+            self.g1_w, self.g2_w = (nn.Parameter(torch.ones(n * expert_dim)) for _ in range(2))
+            self.g1_b, self.g2_b = (nn.Parameter(torch.zeros(n * expert_dim)) for _ in range(2))
         conv1 = nn.Conv2d(in_channels, n * expert_dim, 3, padding=1)
         conv2 = nn.Conv2d(expert_dim, n * expert_dim, 3, padding=1)
         self.w1, self.b1 = nn.Parameter(conv1.weight.detach()), nn.Parameter(conv1.bias.detach())
@@ -48,10 +51,11 @@ class ExpertBank(nn.Module):
     """All experts so far, one chunk per task, evaluated as grouped convolutions (no loop over
     classes): every class at once, or a per-RoI subset of classes."""
 
-    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float, pool_size: int = 1):
+    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float, pool_size: int = 1,
+                 norm: bool = False):
         super().__init__()
         self.in_channels, self.expert_dim, self.embed_dim = in_channels, expert_dim, embed_dim
-        self.temperature, self.pool_size = temperature, pool_size
+        self.temperature, self.pool_size, self.norm = temperature, pool_size, norm
         self.chunks = nn.ModuleList()
 
     @property
@@ -59,7 +63,8 @@ class ExpertBank(nn.Module):
         return sum(c.n for c in self.chunks)
 
     def add(self, n: int) -> ExpertChunk:
-        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature, self.pool_size)
+        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature, self.pool_size,
+                            self.norm)
         device = next(self.parameters()).device if len(self.chunks) else None
         self.chunks.append(chunk.to(device) if device is not None else chunk)
         return chunk
@@ -76,6 +81,16 @@ class ExpertBank(nn.Module):
             h = F.adaptive_avg_pool2d(h, G)
         return h.reshape(R, S, E * G * G)
 
+    def _norm(self, h: Tensor, groups: int, layer: int, sel: Optional[Tensor]) -> Tensor:
+        """Group norm of each expert's E channels (one group per pathway), if enabled; `sel` picks
+        the affine parameters (a slice or a gather index), None = the first groups*E."""
+        if not self.norm:
+            return h
+        w, b = self._cat(f"g{layer}_w"), self._cat(f"g{layer}_b")
+        w, b = (w[: h.shape[1]], b[: h.shape[1]]) if sel is None else (w.view(-1, self.expert_dim)[sel].reshape(-1),
+                                                                      b.view(-1, self.expert_dim)[sel].reshape(-1))
+        return F.group_norm(h, groups, w, b)
+
     def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
         classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation
@@ -88,19 +103,20 @@ class ExpertBank(nn.Module):
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
             n = S * E
-            h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S))
+            h = F.relu(self._norm(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S), S, 1, None))
             act = h.view(R, S, E, P * P).mean(dim=2)
-            h = self._pool(F.relu(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S)), R, S)
+            h = self._pool(F.relu(self._norm(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S), S, 2, None)), R, S)
             z = torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S]
             return z, act, scale[:S].expand(R, S)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         flat = idx.reshape(-1)
         w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
         w2s = w2.view(K, E, E, 3, 3)[flat].reshape(R * S * E, E, 3, 3)
-        h = F.relu(F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1,
-                            groups=R * S))
+        h = F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
+        h = F.relu(self._norm(h, R * S, 1, flat))
         act = h.view(R, S, E, P * P).mean(dim=2)
-        h = F.relu(F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S))
+        h = F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
+        h = F.relu(self._norm(h, R * S, 2, flat))
         h = self._pool(h.view(R, S * E, P, P), R, S)
         if self.pool_size == 1:  # small fc weights: gather them per pair
             z = torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx]
@@ -133,8 +149,10 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
         if prior_norm not in PRIOR_NORMS:
             raise ValueError(f"MODEL.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
+        if expert_norm not in ("none", "GN"):
+            raise ValueError(f"MODEL.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
         self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
-                                  self.embed.out_features, expert_temperature, pool_size)
+                                  self.embed.out_features, expert_temperature, pool_size, expert_norm == "GN")
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
@@ -150,7 +168,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
-                  pool_size=me.POOL_SIZE, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT)
+                  pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
