@@ -95,10 +95,15 @@ class ExpertBank(nn.Module):
         """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
         classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation
         maps R x S x P*P (channel mean of the first conv, after ReLU) and logit scales R x S."""
+        h, act = self.features(x, idx)
+        z, scale = self.embed(h, idx)
+        return z, act, scale
+
+    def features(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The convolutional part: pooled features R x S x E*G*G and activation maps R x S x P*P."""
         R, S, C, P, _ = x.shape
         E, K = self.expert_dim, self.num_experts
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
-        fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
         if idx is None:  # one grouped conv over the first S classes (all, unless the vocabulary is cut)
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
@@ -106,8 +111,7 @@ class ExpertBank(nn.Module):
             h = F.relu(self._norm(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S), S, 1, None))
             act = h.view(R, S, E, P * P).mean(dim=2)
             h = self._pool(F.relu(self._norm(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S), S, 2, None)), R, S)
-            z = torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S]
-            return z, act, scale[:S].expand(R, S)
+            return h, act
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         flat = idx.reshape(-1)
         w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
@@ -117,21 +121,29 @@ class ExpertBank(nn.Module):
         act = h.view(R, S, E, P * P).mean(dim=2)
         h = F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
         h = F.relu(self._norm(h, R * S, 2, flat))
-        h = self._pool(h.view(R, S * E, P, P), R, S)
+        return self._pool(h.view(R, S * E, P, P), R, S), act
+
+    def embed(self, h: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The fc of each pathway's expert: embeddings R x S x D and logit scales R x S. Run once over
+        all RoIs (every expert's fc weights are read once)."""
+        R, S, _ = h.shape
+        fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
+        if idx is None:
+            return torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S], scale[:S].expand(R, S)
         if self.pool_size == 1:  # small fc weights: gather them per pair
-            z = torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx]
-        else:  # E*G*G x D per pair is too much to gather: one matmul per selected class
-            hf, z = h.reshape(R * S, -1), h.new_empty(R * S, fc_w.shape[2])
-            for k in flat.unique().tolist():
-                rows = (flat == k).nonzero().squeeze(1)
-                z[rows] = hf[rows] @ fc_w[k] + fc_b[k]
-            z = z.view(R, S, -1)
-        return z, act, scale[idx]
+            return torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx], scale[idx]
+        # E*G*G x D per pair is too much to gather: one matmul per selected class
+        flat = idx.reshape(-1)
+        hf, z = h.reshape(R * S, -1), h.new_empty(R * S, fc_w.shape[2])
+        for k in flat.unique().tolist():
+            rows = (flat == k).nonzero().squeeze(1)
+            z[rows] = hf[rows] @ fc_w[k] + fc_b[k]
+        return z.view(R, S, -1), scale[idx]
 
 
 @ROI_HEADS_REGISTRY.register()
 class MultiExpertRoIHeads(FViTRoIHeads):
-    """F-ViT RoI head + cost-volume category decoupling + per-class experts (METHOD.md section 2).
+    """F-ViT RoI head + cost-volume category decoupling + per-class experts (CL-CLIP).
 
     Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
     f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]); the background logit, box
@@ -142,8 +154,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
                  prior_norm: str = "sigmoid", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
-                 expert_temperature: float = 50.0, pool_size: int = 1, shared_class_loss_weight: float = 0.0,
-                 **kwargs: Any):
+                 expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
+                 shared_class_loss_weight: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
@@ -234,18 +246,20 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
         text = ctx.class_embeddings[:K]
-        # at inference, RoIs go through the experts in chunks that bound the pathway tensor's size
+        # at inference, RoIs go through the expert convs in chunks that bound the pathway tensor's size;
+        # the experts' fc then runs once over all RoIs
         per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
         step = len(pooled) if self.training else max(1, _MAX_PATHWAY_ELEMENTS // per_roi)
-        s_parts, act_parts = [], []
+        h_parts, act_parts = [], []
         for i in range(0, len(pooled), step):
             sl = slice(i, i + step)
-            sub_idx = idx[sl] if idx is not None else None
-            z, act, scale = self.experts(self.pathways(pooled[sl], m[sl]), sub_idx)
-            t = text[sub_idx] if sub_idx is not None else text[None].expand(len(z), -1, -1)
-            s_parts.append(scale * (F.normalize(z, dim=-1) * t).sum(-1))
+            h, act = self.experts.features(self.pathways(pooled[sl], m[sl]), idx[sl] if idx is not None else None)
+            h_parts.append(h)
             act_parts.append(act)
-        s, act = torch.cat(s_parts), torch.cat(act_parts)
+        h, act = torch.cat(h_parts), torch.cat(act_parts)
+        z, scale = self.experts.embed(h, idx)
+        t = text[idx] if idx is not None else text[None]
+        s = scale * (F.normalize(z, dim=-1) * t).sum(-1)
         if idx is not None:
             s = torch.full((len(s), K), float("-inf"), device=s.device, dtype=s.dtype).scatter(1, idx, s)
         if self.shared_class_logits:
