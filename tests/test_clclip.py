@@ -331,13 +331,15 @@ def _old_logits(model, feats, rois, dense, k_old):
         return head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx)["logits"][:, :k_old].clone()
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_mechanism_old_logits_invariant_to_later_tasks(shared):
+@pytest.mark.parametrize("shared,cost_volume", [(False, True), (True, True), (False, False)])
+def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume):
     """Experts alone: with the same FPN features, old classes' logits after a later task (new
-    experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit.
-    With SHARED_CLASS_LOGITS the trainable shared branch moves them."""
+    experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
+    (also with the uniform prior of the no-cost-volume ablation). With SHARED_CLASS_LOGITS the
+    trainable shared branch moves them."""
     torch.manual_seed(0)
     cfg = clclip_cfg(**{"MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS": shared, "INPUT.IMAGE_SIZE": 64,
+                        "MODEL.COST_VOLUME.ENABLED": cost_volume, "MODEL.MULTI_EXPERT.NORM": "GN",
                         "MODEL.MULTI_EXPERT.POOL_SIZE": 3, "MODEL.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 1.0})
     model = build_model(cfg).eval()
     t1, t2 = Task(0, 0, 4, NAMES[:4], NAMES[:8]), Task(1, 4, 8, NAMES[:8], NAMES[:8])

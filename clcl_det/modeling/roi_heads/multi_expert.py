@@ -199,8 +199,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int) -> Tensor:
         """The prior of the first `num` classes RoIAligned like the features: R x num x P x P."""
         R, P = sum(len(r) for r in rois), self.resolution
-        if not self.use_cost_volume:
-            return ctx.clip_dense.new_full((R, num, P, P), 1.0 / (ctx.num_classes + 1))
+        if not self.use_cost_volume:  # uniform over each task's classes and background
+            level = torch.cat([ctx.clip_dense.new_full((c.n,), 1.0 / (c.n + 1)) for c in self.experts.chunks])[:num]
+            return level[None, :, None, None].expand(R, num, P, P)
         if "prior" not in ctx.extras:  # once per batch: B x K_experts x h x w
             ctx.extras["prior"] = self.expert_prior(ctx)
         prior = ctx.extras["prior"][:, :num]
