@@ -147,7 +147,7 @@ _C.MODEL.ENSEMBLE.CLIP_TEMPERATURE = 100.0  # logit scale of the RoI-pooled dens
 
 _C.MODEL.COST_VOLUME = CN()  # CL-CLIP: dense V.T^T cosine volume and its prior
 _C.MODEL.COST_VOLUME.TEMPERATURE = 0.01  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T)
-_C.MODEL.COST_VOLUME.NORM = "sigmoid"  # sigmoid (per class: independent of later classes) | softmax (over all seen classes) | none
+_C.MODEL.COST_VOLUME.NORM = "softmax"  # prior per class: sigmoid | softmax (over its own task's classes + background) | none
 _C.MODEL.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
 
 _C.MODEL.MULTI_EXPERT = CN()  # CL-CLIP: per-category expert RoI head
@@ -156,10 +156,10 @@ _C.MODEL.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
 _C.MODEL.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
 _C.MODEL.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
 _C.MODEL.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
-_C.MODEL.MULTI_EXPERT.NORM = "none"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none
-_C.MODEL.MULTI_EXPERT.POOL_SIZE = 1  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
+_C.MODEL.MULTI_EXPERT.NORM = "GN"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none
+_C.MODEL.MULTI_EXPERT.POOL_SIZE = 7  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
 _C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
-_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 0.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
+_C.MODEL.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 1.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
 
 _C.MODEL.CLCLIP = CN()  # CL-CLIP continual terms
 _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)

@@ -153,7 +153,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     @configurable
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
-                 prior_norm: str = "sigmoid", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
+                 prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
                  shared_class_loss_weight: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
