@@ -75,6 +75,7 @@ def parse_configs(items: Sequence[str]) -> List[Tuple[str, str]]:
         path = path if os.path.isfile(path) else os.path.join(REPO, path)
         if not os.path.isfile(path):
             raise SystemExit(f"sweep: config '{it}' not found")
+        path = os.path.abspath(path)  # the runs start in the repository root
         label = label or os.path.splitext(os.path.basename(path))[0]
         if label in seen:
             raise SystemExit(f"sweep: two configs are labelled '{label}'; name one LABEL=path.yaml")
@@ -232,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be at least 1")
     configs = parse_configs(args.configs)
+    args.out = os.path.abspath(args.out)
     runs = [Run(label, path, s, args.out) for label, path in configs for s in args.seeds]
     failed: List[Run] = []
     if not args.table_only:
