@@ -48,12 +48,17 @@ def test_cost_volume_brute_force():
     torch.testing.assert_close(P.sum(1), torch.ones(2, 3, 4))
 
 
-@pytest.mark.parametrize("topk", [0, 2])
-def test_grouped_experts_equal_per_class_loop(topk):
+@pytest.mark.parametrize("topk,pool,norm", [(0, 1, False), (2, 1, False), (0, 3, True), (2, 7, True)])
+def test_grouped_experts_equal_per_class_loop(topk, pool, norm):
     torch.manual_seed(0)
-    bank = ExpertBank(in_channels=6, expert_dim=3, embed_dim=5, temperature=10.0)
+    bank = ExpertBank(in_channels=6, expert_dim=3, embed_dim=5, temperature=10.0, pool_size=pool, norm=norm)
     bank.add(3)
     bank.add(2)  # a second task's chunk
+    if norm:  # non-trivial affine parameters
+        with torch.no_grad():
+            for p in bank.parameters():
+                if p.ndim == 1 and p.numel() == p.shape[0] and p.shape[0] % 3 == 0:
+                    p.add_(0.3 * torch.randn_like(p))
     K, R = 5, 4
     x_all = torch.randn(R, K, 6, 7, 7)
     idx = None if topk == 0 else torch.stack([torch.randperm(K)[:topk] for _ in range(R)])
@@ -61,18 +66,29 @@ def test_grouped_experts_equal_per_class_loop(topk):
     z, act, scale = bank(x, idx)
     # reference: a python loop over RoIs and their classes with each expert's own weights
     experts = [(c, i) for c in bank.chunks for i in range(c.n)]
+    E = bank.expert_dim
+
+    def gn(h, c, i, layer):  # layer norm of one expert's E x 7 x 7 block, then its per-channel affine
+        if not norm:
+            return h
+        h = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5)
+        w, b = getattr(c, f"g{layer}_w")[i * E:(i + 1) * E], getattr(c, f"g{layer}_b")[i * E:(i + 1) * E]
+        return h * w[None, :, None, None] + b[None, :, None, None]
+
     for r in range(R):
         classes = range(K) if idx is None else idx[r].tolist()
         for s, k in enumerate(classes):
             c, i = experts[k]
-            E = bank.expert_dim
-            h = F.relu(F.conv2d(x[r, s][None], c.w1[i * E:(i + 1) * E], c.b1[i * E:(i + 1) * E], padding=1))
+            h = F.relu(gn(F.conv2d(x[r, s][None], c.w1[i * E:(i + 1) * E], c.b1[i * E:(i + 1) * E], padding=1), c, i, 1))
             a = h.mean(1).flatten()
-            h = F.relu(F.conv2d(h, c.w2[i * E:(i + 1) * E], c.b2[i * E:(i + 1) * E], padding=1)).mean((2, 3))[0]
-            ref = h @ c.fc_w[i] + c.fc_b[i]
+            h = F.relu(gn(F.conv2d(h, c.w2[i * E:(i + 1) * E], c.b2[i * E:(i + 1) * E], padding=1), c, i, 2))[0]
+            cells = [h[:, (7 * gy) // pool:-(-7 * (gy + 1) // pool), (7 * gx) // pool:-(-7 * (gx + 1) // pool)].mean((1, 2))
+                     for gy in range(pool) for gx in range(pool)]  # adaptive average pooling, cell by cell
+            feat = torch.stack(cells, dim=1).flatten()  # E x G*G, channel-major like a flatten of E x G x G
+            ref = feat @ c.fc_w[i] + c.fc_b[i]
             torch.testing.assert_close(z[r, s], ref, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(act[r, s], a, rtol=1e-4, atol=1e-5)
-            assert float(scale[r, s].detach()) == pytest.approx(float(c.logit_scale[i].exp()))
+            assert float(scale[r, s].detach()) == pytest.approx(float(c.logit_scale[i].detach().exp()))
     if idx is None:  # an earlier vocabulary (the first task's 3 classes) uses the first 3 experts
         z3, act3, scale3 = bank(x_all[:, :3], None)
         torch.testing.assert_close(z3, z[:, :3]), torch.testing.assert_close(act3, act[:, :3])
@@ -130,12 +146,12 @@ def clclip_run(shapes_root, tmp_path_factory):
     return out, runner
 
 
-def test_old_experts_bit_identical_after_next_task(clclip_run):
+def test_mechanism_old_experts_bit_identical_after_next_task(clclip_run):
     out, runner = clclip_run
     after_t1 = load_checkpoint_file(os.path.join(out, "task_1", "model_final.pth"))["model"]
     after_t2 = load_checkpoint_file(os.path.join(out, "task_2", "model_final.pth"))["model"]
     chunk0 = [k for k in after_t1 if k.startswith("roi_heads.experts.chunks.0.")]
-    assert len(chunk0) == 7
+    assert len(chunk0) == 11  # w1, b1, w2, b2, fc_w, fc_b, logit_scale and the group norms g1_w, g1_b, g2_w, g2_b
     for k in chunk0:
         assert torch.equal(after_t1[k], after_t2[k]), f"{k} changed while training task 2"
     assert not any(k.startswith("roi_heads.experts.chunks.1.") for k in after_t1)
@@ -207,7 +223,8 @@ def test_unbiased_background_loss_matches_probability_sums():
 
 
 def test_unbiased_background_reaches_the_loss_only_after_task_1():
-    """MODEL.ROI_HEADS.UNBIASED_BACKGROUND: task 1 trains plain CE; task 2 absorbs its old classes."""
+    """MODEL.ROI_HEADS.UNBIASED_BACKGROUND: task 1 trains plain CE; task 2 absorbs its old classes
+    (in the experts' loss and in the shared branch's own class loss)."""
     cfg = clclip_cfg(**{"MODEL.ROI_HEADS.UNBIASED_BACKGROUND": "True", "INPUT.IMAGE_SIZE": "64"})
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -223,7 +240,7 @@ def test_unbiased_background_reaches_the_loss_only_after_task_1():
                   "boxes": torch.tensor([[4.0, 5.0, 30.0, 25.0]]), "classes": torch.tensor([task.start]), "seed": t}]
         model(batch)
         end_task(model, task)
-    assert seen == [0, 10]
+    assert seen == [0, 0, 10, 10]  # the experts' loss and the shared branch's own class loss, per task
 
 
 def test_unbiased_distillation_matches_per_roi_loop():
@@ -249,3 +266,191 @@ def test_unbiased_distillation_matches_per_roi_loop():
     # ... and calling an old object (teacher: class 0) new or background costs a lot
     t_old = torch.tensor([[5.0, -5.0, -5.0, -5.0]])
     assert unbiased_logit_distillation(s_new, t_old).item() > 5.0
+
+
+# -- the mechanisms: what a frozen expert sees and scores does not move with later tasks -----------------
+def test_mechanism_prior_independent_of_later_classes():
+    """Per-class (sigmoid) prior = sigmoid((<V, t_k> - <V, t_bg>) / T), pixel by pixel; the
+    softmax prior over a grown vocabulary changes when a similar class is added."""
+    torch.manual_seed(0)
+    V = F.normalize(torch.randn(2, 8, 3, 4), dim=1)
+    red_circle, bg = F.normalize(torch.randn(8), dim=0), F.normalize(torch.randn(8), dim=0)
+    red_cross = F.normalize(red_circle + 0.3 * torch.randn(8), dim=0)  # a similar class, added later
+    others = F.normalize(torch.randn(3, 8), dim=1)
+    before = torch.cat([red_circle[None], others])
+    after = torch.cat([before, red_cross[None]])
+    T = 0.05
+    p2 = category_prior(V, after, bg, temperature=T, norm="sigmoid")
+    for b in range(2):
+        for y in range(3):
+            for x in range(4):
+                v = V[b, :, y, x]
+                ref = 1 / (1 + math.exp(-(float(v @ red_circle) - float(v @ bg)) / T))
+                assert float(p2[b, 0, y, x]) == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    s1 = category_prior(V, before, bg, temperature=T, norm="softmax")
+    s2 = category_prior(V, after, bg, temperature=T, norm="softmax")
+    assert not torch.allclose(s1[:, 0], s2[:, 0])
+
+
+@pytest.mark.parametrize("norm", ["sigmoid", "softmax"])
+def test_mechanism_head_prior_unchanged_by_later_tasks(norm):
+    """The head's prior of task 1's classes ("red circle", ...) is bit-identical after task 2 adds
+    "red cross": per class (sigmoid), or over its own task's classes (softmax)."""
+    torch.manual_seed(0)
+    model = build_model(clclip_cfg(**{"MODEL.CLCLIP.COST_VOLUME.NORM": norm, "INPUT.IMAGE_SIZE": 64})).eval()
+    names = ("red circle", "green square", "blue triangle", "red cross", "red square")
+    t1, t2 = Task(0, 0, 3, names[:3], names), Task(1, 3, 5, names, names)
+    begin_task(model, t1)
+    _, rois, dense = _head_inputs(model)
+    ctx = model.make_context(dense, [(64, 64)])
+    before = model.roi_heads.pooled_prior(rois, ctx, 3)
+    end_task(model, t1)
+    begin_task(model, t2)
+    ctx = model.make_context(dense, [(64, 64)])
+    after = model.roi_heads.pooled_prior(rois, ctx, 5)
+    assert torch.equal(before, after[:, :3])
+    if norm == "softmax":  # over task 1's vocabulary: each pixel's 3 classes + background sum to 1
+        full = model.roi_heads.expert_prior(ctx)
+        assert bool((full[:, :3].sum(1) <= 1 + 1e-5).all()) and float(full[:, :3].sum(1).max()) > 0.5
+
+
+def _head_inputs(model, n_rois=6, seed=0):
+    """Fixed FPN features, RoIs and dense CLIP map for calling the RoI head directly."""
+    g = torch.Generator().manual_seed(seed)
+    C, D = model.backbone.out_channels, model.backbone.embed_dim
+    feats = {k: torch.randn(1, C, 64 // s, 64 // s, generator=g)
+             for k, s in zip(model.backbone.level_names, model.backbone.strides)}
+    xy = torch.rand(n_rois, 2, generator=g) * 30
+    rois = [torch.cat([xy, xy + 8 + torch.rand(n_rois, 2, generator=g) * 24], dim=1)]
+    dense = F.normalize(torch.randn(1, D, 64 // model.backbone.clip_stride, 64 // model.backbone.clip_stride,
+                                    generator=g), dim=1)
+    return feats, rois, dense
+
+
+def _old_logits(model, feats, rois, dense, k_old):
+    head = model.roi_heads
+    ctx = model.make_context(dense, [(64, 64)])
+    with torch.no_grad():
+        return head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx)["logits"][:, :k_old].clone()
+
+
+@pytest.mark.parametrize("shared,cost_volume", [(False, True), (True, True), (False, False)])
+def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume):
+    """Experts alone: with the same FPN features, old classes' logits after a later task (new
+    experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
+    (also with the uniform prior of the no-cost-volume ablation). With SHARED_CLASS_LOGITS the
+    trainable shared branch moves them."""
+    torch.manual_seed(0)
+    cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS": shared, "INPUT.IMAGE_SIZE": 64,
+                        "MODEL.CLCLIP.COST_VOLUME.ENABLED": cost_volume, "MODEL.CLCLIP.MULTI_EXPERT.NORM": "GN",
+                        "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3, "MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 1.0})
+    model = build_model(cfg).eval()
+    t1, t2 = Task(0, 0, 4, NAMES[:4], NAMES[:8]), Task(1, 4, 8, NAMES[:8], NAMES[:8])
+    begin_task(model, t1)
+    feats, rois, dense = _head_inputs(model)
+    before = _old_logits(model, feats, rois, dense, 4)
+    end_task(model, t1)
+    begin_task(model, t2)
+    with torch.no_grad():  # "training task 2": everything still trainable moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    after = _old_logits(model, feats, rois, dense, 4)
+    assert torch.isfinite(before).all()
+    if shared:
+        assert not torch.allclose(before, after)
+    else:
+        assert torch.equal(before, after)
+
+
+def _two_task_training_outputs(cfg):
+    """A model in task 2 (task 1's experts frozen) with the previous model as teacher; the
+    outputs of one training forward."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    t1, t2 = Task(0, 0, 3, NAMES[:3], NAMES[:6]), Task(1, 3, 6, NAMES[:6], NAMES[:6])
+    begin_task(model, t1)
+    end_task(model, t1)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():  # the student's pyramid has moved away from the teacher's
+        for p in model.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    begin_task(model, t2)
+    model.set_teacher(teacher)
+    model.train()
+    captured = {}
+    orig = model.continual_losses[0].forward
+
+    def capture(m, outputs, batched, teacher):
+        captured.update(outputs)
+        return orig(m, outputs, batched, teacher)
+
+    model.continual_losses[0].forward = capture
+    g = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
+              "boxes": torch.tensor([[4.0, 5.0, 40.0, 35.0], [30.0, 30.0, 60.0, 62.0]]),
+              "classes": torch.tensor([3, 4]), "seed": i} for i in range(2)]
+    losses = model(batch)
+    return model, teacher, losses, captured
+
+
+def test_mechanism_orthogonality_and_drift_gradients():
+    """L_orth trains the current task's experts (and the features under them), never a frozen
+    expert; L_drift trains the pyramid, not the experts, and never the teacher."""
+    cfg = clclip_cfg(**{"INPUT.IMAGE_SIZE": 64, "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3})
+    model, teacher, losses, _ = _two_task_training_outputs(cfg)
+    old, new = model.roi_heads.experts.chunks
+    assert all(not p.requires_grad for p in old.parameters())
+    for name in ("loss_orth", "loss_drift"):
+        model.zero_grad(set_to_none=True)
+        loss = losses[name]
+        loss.backward(retain_graph=True)
+        assert all(p.grad is None for p in old.parameters()), name
+        assert all(p.grad is None for p in teacher.parameters()), name
+        fpn_grad = sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None)
+        new_grad = float(new.w1.grad.abs().sum()) if new.w1.grad is not None else 0.0
+        if name == "loss_orth":
+            assert new_grad > 0 and fpn_grad > 0
+        else:
+            assert new_grad == 0.0 and fpn_grad > 0
+    assert float(losses["loss_drift"]) > 0
+
+
+def test_mechanism_shared_class_loss_trains_the_shared_branch_only():
+    """SHARED_CLASS_LOSS_WEIGHT: a classification loss on the shared branch's own logits; its
+    gradient reaches the shared embedding and no expert."""
+    cfg = clclip_cfg(**{"INPUT.IMAGE_SIZE": 64, "MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 0.5})
+    model, _, losses, out = _two_task_training_outputs(cfg)
+    assert "loss_cls_shared" in losses
+    roi = out["roi"]
+    ref = 0.5 * F.cross_entropy(roi["shared_logits"][roi["labels"] >= 0], roi["labels"][roi["labels"] >= 0])
+    torch.testing.assert_close(losses["loss_cls_shared"], ref)
+    model.zero_grad(set_to_none=True)
+    losses["loss_cls_shared"].backward()
+    assert float(model.roi_heads.embed.weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for c in model.roi_heads.experts.chunks for p in c.parameters())
+
+
+def test_unbiased_distillation_topk_same_classes_finite():
+    """Per-RoI top-k: an old class the student left out (-inf) while the teacher gives it most of
+    its mass (the case that gave a loss of 853) is dropped from both distributions; the KL is
+    the one over the classes both kept, renormalised, computed here by hand."""
+    from clcl_det.modeling.losses.distillation import unbiased_logit_distillation
+
+    inf = float("inf")
+    teacher = torch.tensor([[8.0, 1.0, -inf, 0.5], [2.0, 1.0, 0.0, 3.0]])  # 3 old classes + bg; RoI 0: class 2 cut
+    student = torch.tensor([[-inf, 2.0, 1.0, 0.0, 1.5, -inf],  # class 0 cut by the student's top-k
+                            [1.0, 2.0, 0.5, 1.0, -0.5, 0.2]])  # 3 old, 2 new, bg
+    ref = []
+    for s, t in zip(student.tolist(), teacher.tolist()):
+        merged = s[:3] + [math.log(sum(math.exp(v) for v in s[3:] if v > -inf))]
+        keep = [i for i in range(4) if merged[i] > -inf and t[i] > -inf]
+        zs, zt = sum(math.exp(merged[i]) for i in keep), sum(math.exp(t[i]) for i in keep)
+        ref.append(sum(math.exp(t[i]) / zt * math.log((math.exp(t[i]) / zt) / (math.exp(merged[i]) / zs))
+                       for i in keep))
+    got = unbiased_logit_distillation(student, teacher)
+    assert math.isfinite(got.item()) and got.item() == pytest.approx(sum(ref) / 2, rel=1e-5)
+    assert got.item() < 10.0
+    grad_in = student.clone().requires_grad_(True)
+    unbiased_logit_distillation(grad_in, teacher).backward()
+    assert torch.isfinite(grad_in.grad).all()

@@ -354,10 +354,12 @@ def test_eva02_clclip_voc_config_builds_and_detects():
         "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
     assert cfg.MODEL.CLIP.ARCH == "EVA02-B-16" and cfg.CONTINUAL.TASKS == "10+10"
     torch.manual_seed(0)
+    from clcl_det.continual import begin_task
+
     model = build_model(cfg).eval()
     assert model.text.text_names["diningtable"] == "dining table"
     # one class keeps the 12-layer text tower's prompt encoding cheap
-    model.begin_task(Task(0, 0, 1, ("diningtable",), tuple(VOC_CLASSES)))
+    begin_task(model, Task(0, 0, 1, ("diningtable",), tuple(VOC_CLASSES)))
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
     assert set(out[0]) >= {"boxes", "scores", "labels"} and model.backbone.embed_dim == 512

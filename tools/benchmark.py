@@ -113,7 +113,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model(cfg)
     names = tuple(VOC_CLASSES)
-    model.begin_task(Task(0, 0, 10, names[:10], names))
+    begin_task(model, Task(0, 0, 10, names[:10], names))
     dev = model.device
     per_step = cfg.SOLVER.IMS_PER_BATCH // cfg.SOLVER.ACCUM_STEPS
 

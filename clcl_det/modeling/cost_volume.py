@@ -21,8 +21,10 @@ def category_prior(dense: Tensor, text: Tensor, background: Tensor, temperature:
                    norm: str = "softmax") -> Tensor:
     """The prior over [classes..., background]: B x (K+1) x h x w.
 
-    softmax: softmax over K+1 of C / T; sigmoid: sigmoid((C_k - C_bg) / T) per class (background
-    column = 1 - max_k); none: the raw cosines.
+    sigmoid: sigmoid((C_k - C_bg) / T) per class, so class k's map depends on its own text and the
+    background's only, never on classes added after it (background column = 1 - max_k);
+    softmax: softmax over K+1 of C / T (every class's map changes when the vocabulary grows);
+    none: the raw cosines.
     """
     cost = cost_volume(dense, torch.cat([text, background[None]], dim=0))
     if norm == "softmax":

@@ -42,11 +42,19 @@ def unbiased_logit_distillation(student: Tensor, teacher: Tensor, temperature: f
     """KL(q || p) per RoI, averaged: q = softmax(teacher / T) over [old classes, background]
     (R x (k_old + 1)); p = the student's softmax(student / T) over [old, new, background]
     (R x (K + 1)) with the new classes' probability added to the background's, so a new object
-    the teacher called background costs nothing when the student calls it new. Times T^2."""
+    the teacher called background costs nothing when the student calls it new. Times T^2.
+
+    Both distributions are taken over the same classes: an old class that either model leaves
+    out for a RoI (logit -inf, e.g. outside a per-RoI top-k) is dropped from both, and both are
+    renormalised over what remains (background always remains), so the loss stays finite."""
     k_old = teacher.shape[1] - 1
-    logp = (student / temperature).log_softmax(dim=1)
-    logp = torch.cat([logp[:, :k_old], logp[:, k_old:].logsumexp(dim=1, keepdim=True)], dim=1).clamp_min(-1e4)
-    kl = F.kl_div(logp, (teacher / temperature).softmax(dim=1), reduction="none").sum(dim=1)
+    s = student / temperature
+    s = torch.cat([s[:, :k_old], s[:, k_old:].logsumexp(dim=1, keepdim=True)], dim=1)  # new -> background
+    t = teacher.to(s.dtype) / temperature
+    both = torch.isfinite(s) & torch.isfinite(t)
+    logp = s.masked_fill(~both, float("-inf")).log_softmax(dim=1)
+    q = t.masked_fill(~both, float("-inf")).softmax(dim=1)
+    kl = (torch.xlogy(q, q) - q * logp.masked_fill(~both, 0.0)).sum(dim=1)
     return kl.mean() * temperature ** 2 if kl.numel() else student.sum() * 0.0
 
 

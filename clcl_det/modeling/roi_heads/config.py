@@ -18,8 +18,8 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
 
     _C.MODEL.CLCLIP.COST_VOLUME = CN()  # dense V.T^T cosine volume and its prior
-    _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.01  # prior = softmax_k(C / T)
-    _C.MODEL.CLCLIP.COST_VOLUME.NORM = "softmax"  # softmax | sigmoid | none
+    _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.01  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T)
+    _C.MODEL.CLCLIP.COST_VOLUME.NORM = "softmax"  # prior per class: sigmoid | softmax (over its own task's classes + background) | none
     _C.MODEL.CLCLIP.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
 
     _C.MODEL.CLCLIP.MULTI_EXPERT = CN()  # MultiExpertRoIHeads: per-category expert RoI head
@@ -28,7 +28,10 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
     _C.MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
     _C.MODEL.CLCLIP.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
-    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP.yaml)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.NORM = "GN"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none
+    _C.MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE = 7  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 1.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
 
     _C.MODEL.CLCLIP.UNBIASED_DISTILL = CN()  # UnbiasedDistill (the distillation CL-CLIP uses): RPN + KL on [old, background], new classes counted as background
     _C.MODEL.CLCLIP.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)

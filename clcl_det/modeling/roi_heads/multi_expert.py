@@ -4,7 +4,7 @@ appears and frozen after its task. Background and boxes come from the shared F-V
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +25,24 @@ _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway 
 
 class ExpertChunk(nn.Module):
     """The experts of one task's n classes, stored stacked: expert i is
-    conv3x3(C->E) -> ReLU -> conv3x3(E->E) -> ReLU -> global mean -> fc(E->D), plus the chunk's
-    logit scale. Freezing the chunk freezes exactly these classes."""
+    conv3x3(C->E) -> [GN] -> ReLU -> conv3x3(E->E) -> [GN] -> ReLU -> average pool to G x G ->
+    flatten -> fc(E*G*G -> D), plus the chunk's logit scale (G = 1: global mean; GN: a group norm
+    over each expert's own E channels, with `norm`). Freezing the chunk freezes exactly these classes."""
 
-    def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+    def __init__(self, n: int, in_channels: int, expert_dim: int, embed_dim: int, temperature: float,
+                 pool_size: int = 1, norm: bool = False):
         super().__init__()
         self.n = n
+        if norm:
+            self.g1_w, self.g2_w = (nn.Parameter(torch.ones(n * expert_dim)) for _ in range(2))
+            self.g1_b, self.g2_b = (nn.Parameter(torch.zeros(n * expert_dim)) for _ in range(2))
         conv1 = nn.Conv2d(in_channels, n * expert_dim, 3, padding=1)
         conv2 = nn.Conv2d(expert_dim, n * expert_dim, 3, padding=1)
         self.w1, self.b1 = nn.Parameter(conv1.weight.detach()), nn.Parameter(conv1.bias.detach())
         self.w2, self.b2 = nn.Parameter(conv2.weight.detach()), nn.Parameter(conv2.bias.detach())
-        bound = 1.0 / math.sqrt(expert_dim)
-        self.fc_w = nn.Parameter(torch.empty(n, expert_dim, embed_dim).uniform_(-bound, bound))
+        fan_in = expert_dim * pool_size * pool_size
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's init for this fan-in
+        self.fc_w = nn.Parameter(torch.empty(n, fan_in, embed_dim).uniform_(-bound, bound))
         self.fc_b = nn.Parameter(torch.empty(n, embed_dim).uniform_(-bound, bound))
         self.logit_scale = nn.Parameter(torch.full((n,), math.log(temperature)))
 
@@ -45,10 +51,11 @@ class ExpertBank(nn.Module):
     """All experts so far, one chunk per task, evaluated as grouped convolutions (no loop over
     classes): every class at once, or a per-RoI subset of classes."""
 
-    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float):
+    def __init__(self, in_channels: int, expert_dim: int, embed_dim: int, temperature: float, pool_size: int = 1,
+                 norm: bool = False):
         super().__init__()
         self.in_channels, self.expert_dim, self.embed_dim = in_channels, expert_dim, embed_dim
-        self.temperature = temperature
+        self.temperature, self.pool_size, self.norm = temperature, pool_size, norm
         self.chunks = nn.ModuleList()
 
     @property
@@ -56,7 +63,8 @@ class ExpertBank(nn.Module):
         return sum(c.n for c in self.chunks)
 
     def add(self, n: int) -> ExpertChunk:
-        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature)
+        chunk = ExpertChunk(n, self.in_channels, self.expert_dim, self.embed_dim, self.temperature, self.pool_size,
+                            self.norm)
         device = next(self.parameters()).device if len(self.chunks) else None
         self.chunks.append(chunk.to(device) if device is not None else chunk)
         return chunk
@@ -64,34 +72,73 @@ class ExpertBank(nn.Module):
     def _cat(self, name: str) -> Tensor:
         return torch.cat([getattr(c, name) for c in self.chunks], dim=0)
 
+    def _pool(self, h: Tensor, R: int, S: int) -> Tensor:
+        """R*S*E maps of P x P (as R x S*E x P x P) -> R x S x E*G*G."""
+        E, G = self.expert_dim, self.pool_size
+        if G == 1:
+            return h.view(R, S, E, -1).mean(dim=3)
+        if G != h.shape[-1]:
+            h = F.adaptive_avg_pool2d(h, G)
+        return h.reshape(R, S, E * G * G)
+
+    def _norm(self, h: Tensor, groups: int, layer: int, sel: Optional[Tensor]) -> Tensor:
+        """Group norm of each expert's E channels (one group per pathway), if enabled; `sel` picks
+        the affine parameters (a slice or a gather index), None = the first groups*E."""
+        if not self.norm:
+            return h
+        w, b = self._cat(f"g{layer}_w"), self._cat(f"g{layer}_b")
+        w, b = (w[: h.shape[1]], b[: h.shape[1]]) if sel is None else (w.view(-1, self.expert_dim)[sel].reshape(-1),
+                                                                      b.view(-1, self.expert_dim)[sel].reshape(-1))
+        return F.group_norm(h, groups, w, b)
+
     def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
-        classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation maps R x S x P*P (channel mean
-        of the first conv, after ReLU) and logit scales R x S."""
+        classes in order, e.g. all K, or an earlier vocabulary). Returns embeddings R x S x D, activation
+        maps R x S x P*P (channel mean of the first conv, after ReLU) and logit scales R x S."""
+        h, act = self.features(x, idx)
+        z, scale = self.embed(h, idx)
+        return z, act, scale
+
+    def features(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The convolutional part: pooled features R x S x E*G*G and activation maps R x S x P*P."""
         R, S, C, P, _ = x.shape
         E, K = self.expert_dim, self.num_experts
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
-        fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
         if idx is None:  # one grouped conv over the first S classes (all, unless the vocabulary is cut)
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
             n = S * E
-            h = F.relu(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S))
+            h = F.relu(self._norm(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S), S, 1, None))
             act = h.view(R, S, E, P * P).mean(dim=2)
-            h = F.relu(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S)).view(R, S, E, P * P).mean(dim=3)
-            z = torch.einsum("rse,sed->rsd", h, fc_w[:S]) + fc_b[:S]
-            return z, act, scale[:S].expand(R, S)
+            h = self._pool(F.relu(self._norm(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S), S, 2, None)), R, S)
+            return h, act
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         flat = idx.reshape(-1)
         w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
         w2s = w2.view(K, E, E, 3, 3)[flat].reshape(R * S * E, E, 3, 3)
-        h = F.relu(F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1,
-                            groups=R * S))
+        h = F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
+        h = F.relu(self._norm(h, R * S, 1, flat))
         act = h.view(R, S, E, P * P).mean(dim=2)
-        h = F.relu(F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S))
-        h = h.view(R, S, E, P * P).mean(dim=3)
-        z = torch.einsum("rse,rsed->rsd", h, fc_w[idx]) + fc_b[idx]
-        return z, act, scale[idx]
+        h = F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
+        h = F.relu(self._norm(h, R * S, 2, flat))
+        return self._pool(h.view(R, S * E, P, P), R, S), act
+
+    def embed(self, h: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The fc of each pathway's expert: embeddings R x S x D and logit scales R x S. Run once over
+        all RoIs (every expert's fc weights are read once)."""
+        R, S, _ = h.shape
+        fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
+        if idx is None:
+            return torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S], scale[:S].expand(R, S)
+        if self.pool_size == 1:  # small fc weights: gather them per pair
+            return torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx], scale[idx]
+        # E*G*G x D per pair is too much to gather: one matmul per selected class
+        flat = idx.reshape(-1)
+        hf, z = h.reshape(R * S, -1), h.new_empty(R * S, fc_w.shape[2])
+        for k in flat.unique().tolist():
+            rows = (flat == k).nonzero().squeeze(1)
+            z[rows] = hf[rows] @ fc_w[k] + fc_b[k]
+        return z.view(R, S, -1), scale[idx]
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -107,17 +154,21 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
                  prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
-                 expert_temperature: float = 50.0, **kwargs: Any):
+                 expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
+                 shared_class_loss_weight: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
         if prior_norm not in PRIOR_NORMS:
             raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
+        if expert_norm not in ("none", "GN"):
+            raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
         self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
-                                  self.embed.out_features, expert_temperature)
+                                  self.embed.out_features, expert_temperature, pool_size, expert_norm == "GN")
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
+        self.shared_class_loss_weight = shared_class_loss_weight
         self.resolution = self.pooler.output_size[0] if isinstance(self.pooler.output_size, (tuple, list)) \
             else self.pooler.output_size
 
@@ -128,7 +179,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         kw.update(expert_dim=me.EXPERT_DIM, gating=me.GATING, gamma=me.GAMMA, topk=me.TOPK, freeze=me.FREEZE,
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
-                  shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE)
+                  shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
+                  pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
@@ -147,13 +199,28 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int) -> Tensor:
         """The prior of the first `num` classes RoIAligned like the features: R x num x P x P."""
         R, P = sum(len(r) for r in rois), self.resolution
-        if not self.use_cost_volume:
-            return ctx.clip_dense.new_full((R, num, P, P), 1.0 / (ctx.num_classes + 1))
-        if "prior" not in ctx.extras:  # once per batch: B x (K+1) x h x w
-            ctx.extras["prior"] = category_prior(ctx.clip_dense, ctx.class_embeddings, ctx.background_embedding,
-                                                 self.prior_temperature, self.prior_norm)
+        if not self.use_cost_volume:  # uniform over each task's classes and background
+            level = torch.cat([ctx.clip_dense.new_full((c.n,), 1.0 / (c.n + 1)) for c in self.experts.chunks])[:num]
+            return level[None, :, None, None].expand(R, num, P, P)
+        if "prior" not in ctx.extras:  # once per batch: B x K_experts x h x w
+            ctx.extras["prior"] = self.expert_prior(ctx)
         prior = ctx.extras["prior"][:, :num]
         return roi_align(prior, list(rois), P, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2, aligned=True)
+
+    def expert_prior(self, ctx: HeadContext) -> Tensor:
+        """The prior of every class that has an expert, B x K x h x w, computed task by task
+        (one expert chunk at a time): a class's map depends on its own task's vocabulary and the
+        background only (per class for NORM sigmoid, over its task's classes for softmax), so
+        classes added later cannot change it, not even in the last bit."""
+        parts, start = [], 0
+        for chunk in self.experts.chunks:
+            stop = min(start + chunk.n, ctx.num_classes)
+            if stop <= start:
+                break
+            parts.append(category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
+                                        self.prior_temperature, self.prior_norm)[:, :-1])
+            start = stop
+        return torch.cat(parts, dim=1)
 
     def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
         """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
@@ -180,26 +247,40 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
         text = ctx.class_embeddings[:K]
-        # at inference, RoIs go through the experts in chunks that bound the pathway tensor's size
+        # at inference, RoIs go through the expert convs in chunks that bound the pathway tensor's size;
+        # the experts' fc then runs once over all RoIs
         per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
         step = len(pooled) if self.training else max(1, _MAX_PATHWAY_ELEMENTS // per_roi)
-        s_parts, act_parts = [], []
+        h_parts, act_parts = [], []
         for i in range(0, len(pooled), step):
             sl = slice(i, i + step)
-            sub_idx = idx[sl] if idx is not None else None
-            z, act, scale = self.experts(self.pathways(pooled[sl], m[sl]), sub_idx)
-            t = text[sub_idx] if sub_idx is not None else text[None].expand(len(z), -1, -1)
-            s_parts.append(scale * (F.normalize(z, dim=-1) * t).sum(-1))
+            h, act = self.experts.features(self.pathways(pooled[sl], m[sl]), idx[sl] if idx is not None else None)
+            h_parts.append(h)
             act_parts.append(act)
-        s, act = torch.cat(s_parts), torch.cat(act_parts)
+        h, act = torch.cat(h_parts), torch.cat(act_parts)
+        z, scale = self.experts.embed(h, idx)
+        t = text[idx] if idx is not None else text[None]
+        s = scale * (F.normalize(z, dim=-1) * t).sum(-1)
         if idx is not None:
             s = torch.full((len(s), K), float("-inf"), device=s.device, dtype=s.dtype).scatter(1, idx, s)
         if self.shared_class_logits:
             s = s + shared[:, :K]
+        out["shared_logits"] = shared
         out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
         out["expert_maps"] = F.normalize(act, dim=-1)
         out["prior_mean"] = prior_mean
         return out
+
+    def forward(self, features: Dict[str, Tensor], proposals: List[Tensor], ctx: HeadContext,
+                targets: Optional[List[Dict[str, Tensor]]] = None,
+                seeds: Optional[Sequence[Optional[int]]] = None) -> Tuple[Any, Dict[str, Any]]:
+        """The F-ViT head's forward; in training, plus the shared branch's own classification
+        loss (`loss_cls_shared`): its embedding scores the classes that have no expert yet."""
+        result, out = super().forward(features, proposals, ctx, targets, seeds)
+        if self.training and self.shared_class_loss_weight > 0 and "shared_logits" in out:
+            loss = self.cls_head.losses(out["shared_logits"], out["labels"], out["embeddings"], ctx)["loss_cls"]
+            result["loss_cls_shared"] = self.shared_class_loss_weight * loss
+        return result, out
 
     def pathways(self, f: Tensor, m: Tensor) -> Tensor:
         """Class pathways of RoI features f (R x C x P x P) under the prior m (R x S x P x P):

@@ -1,0 +1,54 @@
+"""tools/sweep.py: configs x seeds in parallel processes, resume of what is finished, and the
+mean/std table (checked against the runs' own summary.json)."""
+import csv
+import json
+import os
+import statistics
+import sys
+
+from conftest import tiny_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import sweep  # noqa: E402
+
+
+def test_sweep_runs_seeds_resumes_and_tabulates(shapes_root, tmp_path, capsys):
+    cfg = tiny_cfg("", **{"SOLVER.MAX_ITER": 1, "INPUT.IMAGE_SIZE": 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16,
+                          "DATASETS.SHAPES.NUM_TEST": 4, "CONTINUAL.TRAIN_TASKS": 1,
+                          "TEST.ZERO_SHOT": False})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.dump())
+    out = tmp_path / "sweep"
+    args = ["--out", str(out), "--seeds", "0", "1", "--jobs", "2", "--threads", "1", f"tiny={config}"]
+    assert sweep.main(args) == 0
+    runs = [out / "tiny" / f"seed{s}" for s in (0, 1)]
+    # each run trained with its own seed, in its own folder
+    seeds = [json.loads((r / "summary.json").read_text()) for r in runs]
+    assert all(len(s["stages"]) == 1 for s in seeds)
+    assert "SEED: 1" in (runs[1] / "config.yaml").read_text()
+    # the table: mean and sample std over the two seeds of mAP@A (the one trained task's classes)
+    vals = []
+    for s in seeds:
+        final = [v[-1] for v in s["per_class"].values()]
+        x = [v for v in final if v is not None and v == v]
+        vals.append(sum(x) / len(x))
+    with open(out / "table.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["run"] == "tiny")
+    assert row["seeds"] == "2"
+    assert float(row["mAP@A mean"]) == round(statistics.mean(vals), 2)
+    assert float(row["mAP@A std"]) == round(statistics.stdev(vals), 2)
+    md = (out / "table.md").read_text()
+    assert md.startswith("    python tools/sweep.py --out") and "| tiny | 2 |" in md
+    # resume: a finished run is skipped; an unfinished one continues with --resume
+    os.remove(runs[1] / "summary.json")
+    os.remove(runs[1] / "task_1" / "metrics.json")
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    log = capsys.readouterr().out
+    assert "done already: tiny seed 0" in log and "start tiny seed 1 (resume)" in log
+    assert (runs[0] / "sweep.log").read_text().count("$ ") == 1
+    started = [line for line in (runs[1] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(started) == 2 and "--resume" not in started[0] and "--resume" in started[1]
+    assert (runs[1] / "summary.json").is_file()

@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""Run a list of configs x seeds, several processes at once, and tabulate them for MODEL_ZOO.md.
+
+    python tools/sweep.py --out /work/zoo/shapes_10+10 --seeds 0 1 --jobs 2 --threads 1 --split 10+10 \\
+        configs/Shapes/finetune_10+10.yaml configs/Shapes/clclip_10+10.yaml configs/Shapes/joint.yaml
+
+Each (config, seed) trains with tools/train_net.py into OUT/<config name>/seed<seed> (a config
+named twice with different overrides: give it a label, `LABEL=path.yaml`). At most --jobs runs at
+once, each with --threads threads (OMP/MKL/torch) and, with --pin, its own CPU cores. The sweep
+resumes: a run whose summary.json covers every task is skipped, a started one continues with
+--resume from its last checkpoint, so re-running the same command after an interruption only
+does what is left. Overrides after `--` go to every run (e.g. `-- SOLVER.MAX_ITER 200`).
+
+When all runs are done, OUT/table.md and OUT/table.csv hold one row per config: the mean and the
+sample standard deviation over its seeds of every metric tools/zoo_table.py reads from a run
+(mAP@B / mAP@N / mAP@A after the last task, mAP@A per stage), with the number of seeds. The
+markdown starts with the command that made it. `--table-only` rewrites the table from what is
+finished, without training.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+sys.path[:0] = [TOOLS, REPO]
+
+import zoo_table  # noqa: E402  (tools/zoo_table.py: the per-run metrics)
+
+
+class Run:
+    """One (config, seed): its output folder and state."""
+
+    def __init__(self, label: str, config: str, seed: int, out_root: str):
+        self.label, self.config, self.seed = label, config, seed
+        self.dir = os.path.join(out_root, label, f"seed{seed}")
+
+    def complete(self) -> bool:
+        """summary.json holds a stage for every task the run trains (CONTINUAL.TRAIN_TASKS, or all)."""
+        try:
+            with open(os.path.join(self.dir, "summary.json")) as f:
+                s = json.load(f)
+            return len(s["stages"]) == (_train_tasks_limit(self.dir) or s["num_tasks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def started(self) -> bool:
+        return os.path.isfile(os.path.join(self.dir, "config.yaml"))
+
+
+def _train_tasks_limit(run_dir: str) -> int:
+    """CONTINUAL.TRAIN_TASKS of the run's saved config (0 = all)."""
+    from clcl_det.config import CfgNode
+
+    cfg = CfgNode.load_yaml_with_base(os.path.join(run_dir, "config.yaml")) or {}
+    return int(cfg.get("CONTINUAL", {}).get("TRAIN_TASKS", 0) or 0)
+
+
+def parse_configs(items: Sequence[str]) -> List[Tuple[str, str]]:
+    """`path.yaml` or `LABEL=path.yaml` -> (label, path); labels must be unique."""
+    out, seen = [], set()
+    for it in items:
+        label, _, path = it.rpartition("=") if "=" in it else ("", "", it)
+        path = path if os.path.isfile(path) else os.path.join(REPO, path)
+        if not os.path.isfile(path):
+            raise SystemExit(f"sweep: config '{it}' not found")
+        path = os.path.abspath(path)  # the runs start in the repository root
+        label = label or os.path.splitext(os.path.basename(path))[0]
+        if label in seen:
+            raise SystemExit(f"sweep: two configs are labelled '{label}'; name one LABEL=path.yaml")
+        seen.add(label)
+        out.append((label, path))
+    return out
+
+
+def command(run: Run, opts: Sequence[str], python: str = sys.executable) -> List[str]:
+    cmd = [python, os.path.join(TOOLS, "train_net.py"), "--config-file", run.config]
+    if run.started():
+        cmd.append("--resume")
+    return cmd + list(opts) + ["SEED", str(run.seed), "OUTPUT_DIR", run.dir]
+
+
+def _env(threads: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _cores(slot: int, threads: int) -> Optional[set]:
+    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not avail:
+        return None
+    return {avail[(slot * threads + i) % len(avail)] for i in range(threads)}
+
+
+def run_all(runs: List[Run], opts: Sequence[str], jobs: int, threads: int, pin: bool,
+            log=print) -> List[Run]:
+    """Run what is not complete, at most `jobs` at a time; returns the runs that failed."""
+    todo = [r for r in runs if not r.complete()]
+    for r in runs:
+        if r not in todo:
+            log(f"[sweep] done already: {r.label} seed {r.seed}")
+    active: Dict[int, Tuple[Run, subprocess.Popen, Any, float]] = {}  # slot -> run
+    failed: List[Run] = []
+    while todo or active:
+        for slot in range(jobs):
+            if slot in active or not todo:
+                continue
+            r = todo.pop(0)
+            os.makedirs(r.dir, exist_ok=True)
+            cmd = command(r, opts)
+            logf = open(os.path.join(r.dir, "sweep.log"), "a")
+            logf.write(f"$ {shlex.join(cmd)}\n")
+            logf.flush()
+            cores = _cores(slot, threads) if pin else None
+            pre = (lambda c=cores: os.sched_setaffinity(0, c)) if cores else None
+            p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_env(threads), cwd=REPO,
+                                 preexec_fn=pre)
+            log(f"[sweep] start {r.label} seed {r.seed}{' (resume)' if '--resume' in cmd else ''}"
+                f"{f' on cores {sorted(cores)}' if cores else ''} -> {r.dir}")
+            active[slot] = (r, p, logf, time.time())
+        time.sleep(0.2)
+        for slot, (r, p, logf, t0) in list(active.items()):
+            if p.poll() is None:
+                continue
+            logf.close()
+            del active[slot]
+            if p.returncode == 0 and r.complete():
+                log(f"[sweep] done {r.label} seed {r.seed} in {time.time() - t0:.0f} s")
+            else:
+                failed.append(r)
+                log(f"[sweep] FAILED {r.label} seed {r.seed} (exit {p.returncode}); see {r.dir}/sweep.log")
+    return failed
+
+
+# -- table ------------------------------------------------------------------------------------------
+def _fmt(values: List[float]) -> str:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.1f}"
+    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
+
+
+def aggregate(groups: List[Tuple[str, List[str]]], split: str) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Per label: mean/std over its run folders of every scalar metric of zoo_table.row and of
+    each entry of its per-stage lists. Returns the metric columns and one dict per label."""
+    rows, columns = [], []
+    for label, dirs in groups:
+        per = [zoo_table.row(d, split) for d in dirs]
+        out: Dict[str, Any] = {"run": label, "seeds": len(per), "values": {}}
+        for x in per:
+            for k, v in x.items():
+                if k == "run":
+                    continue
+                if isinstance(v, (list, tuple)):
+                    for i, s in enumerate(v):
+                        out["values"].setdefault(f"{k}[{i + 1}]", []).append(s)
+                elif isinstance(v, (int, float)) or v is None:
+                    out["values"].setdefault(k, []).append(v)
+        for k in out["values"]:
+            if k not in columns:
+                columns.append(k)
+        rows.append(out)
+    return columns, rows
+
+
+def _header(k: str) -> str:
+    names = {"B": "mAP@B", "N": "mAP@N", "A": "mAP@A"}
+    if "[" in k:
+        base, i = k[:-1].split("[")
+        return f"{'mAP@A' if base == 'stages' else names.get(base, base)} after task {i}"
+    return names.get(k, k)
+
+
+def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, csv_path: str,
+                 cmdline: str) -> str:
+    """table.md (mean ± std over seeds, the command above it) and table.csv (mean, std, n)."""
+    columns, rows = aggregate(groups, split)
+    md = io.StringIO()
+    md.write(f"    {cmdline}\n\n")
+    md.write("| run | seeds | " + " | ".join(_header(c) for c in columns) + " |\n")
+    md.write("| --- | --- | " + " | ".join("---" for _ in columns) + " |\n")
+    for r in rows:
+        md.write(f"| {r['run']} | {r['seeds']} | " + " | ".join(_fmt(r["values"].get(c, [])) for c in columns) + " |\n")
+    with open(md_path, "w") as f:
+        f.write(md.getvalue())
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "seeds"] + [f"{_header(c)} {s}" for c in columns for s in ("mean", "std")])
+        for r in rows:
+            cells = []
+            for c in columns:
+                v = [x for x in r["values"].get(c, []) if x is not None and not math.isnan(x)]
+                cells += [f"{statistics.mean(v):.2f}" if v else "", f"{statistics.stdev(v):.2f}" if len(v) > 1 else ""]
+            w.writerow([r["run"], r["seeds"]] + cells)
+    return md.getvalue()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmdline = "python tools/sweep.py " + shlex.join(argv)
+    opts: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, opts = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s --out DIR [options] CONFIG [CONFIG ...] [-- KEY VALUE ...]")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs (path, or LABEL=path)")
+    p.add_argument("--out", required=True, help="root folder: OUT/<label>/seed<s>/ per run, OUT/table.{md,csv}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="SEED values (default: 0)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="threads per run (default: 1)")
+    p.add_argument("--pin", action="store_true", help="pin each running job to its own CPU core(s)")
+    p.add_argument("--split", default="", help="task string grouping single-task runs (joint) into B/N "
+                   "(default: CONTINUAL.TASKS of the first config)")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from finished runs")
+    args = p.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be at least 1")
+    configs = parse_configs(args.configs)
+    args.out = os.path.abspath(args.out)
+    runs = [Run(label, path, s, args.out) for label, path in configs for s in args.seeds]
+    failed: List[Run] = []
+    if not args.table_only:
+        failed = run_all(runs, opts, args.jobs, args.threads, args.pin)
+    split = args.split or _task_string(configs[0][1], opts)
+    groups = [(label, [r.dir for r in runs if r.label == label and r.complete()]) for label, _ in configs]
+    groups = [(label, dirs) for label, dirs in groups if dirs]
+    if groups:
+        text = write_tables(groups, split, os.path.join(args.out, "table.md"), os.path.join(args.out, "table.csv"),
+                            cmdline)
+        print(text, end="")
+    if failed:
+        print(f"[sweep] {len(failed)} run(s) failed: " + ", ".join(f"{r.label} seed {r.seed}" for r in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _task_string(config: str, opts: Sequence[str]) -> str:
+    """CONTINUAL.TASKS of a config (with the sweep's overrides)."""
+    from clcl_det.engine import setup_cfg
+
+    return setup_cfg(config, list(opts)).CONTINUAL.TASKS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
