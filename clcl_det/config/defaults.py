@@ -167,9 +167,13 @@ _C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
 
 _C.MODEL.CONTINUAL_LOSSES = []  # CONTINUAL_LOSS_REGISTRY entries added to the loss (CL-CLIP: FPNDrift, Orthogonality)
 
-_C.MODEL.DISTILL = CN()  # Faster-ILOD-style distillation baseline
-_C.MODEL.DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation
-_C.MODEL.DISTILL.ROI_WEIGHT = 1.0  # weight of old-class logit distillation (L2 on centred logits)
+_C.MODEL.DISTILL = CN()  # FasterILODDistill: the Faster ILOD baseline's three distillation terms
+_C.MODEL.DISTILL.FEATURE_WEIGHT = 1.0  # weight of the FPN feature term (L1 on mean-subtracted maps where teacher > student)
+_C.MODEL.DISTILL.RPN_WEIGHT = 1.0  # weight of the RPN term (objectness where teacher > student, L2, + box deltas)
+_C.MODEL.DISTILL.RPN_BOX_THRESHOLD = 0.1  # RPN box deltas distilled where teacher objectness exceeds the student's by more
+_C.MODEL.DISTILL.ROI_WEIGHT = 1.0  # weight of the RoI term (L2 on centred [old, bg] logits + box deltas, teacher's proposals)
+_C.MODEL.DISTILL.ROI_TOP = 128  # the RoI term samples from the teacher's this many best proposals per image
+_C.MODEL.DISTILL.ROI_SAMPLES = 64  # proposals per image drawn from those for the RoI term
 
 _C.MODEL.UNBIASED_DISTILL = CN()  # UnbiasedDistill: RPN + KL on [old, background], new classes counted as background
 _C.MODEL.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
@@ -218,9 +222,11 @@ _C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
 _C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
 _C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k text-classifier classes (0 = all); the others keep the text logit
 _C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
-_C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the RoI embedding (zero-initialised, frozen after its task)
+_C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the frozen CLIP patches/region feature (zero-init residual, frozen after its task)
+_C.MODEL.SPA.COMBINE = "sum"  # SPA logits with the detector's: sum | ensemble ((1-w) log-softmax det + w log-softmax SPA)
+_C.MODEL.SPA.ENSEMBLE_WEIGHT = 0.5  # w of COMBINE ensemble
 
-_C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics of RoI embeddings, replayed later
+_C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics (box-head output, or frozen CLIP features for SPA), replayed later
 _C.MODEL.REPLAY.INNER_HEAD = "TextClassifier"  # CLS_HEAD_REGISTRY entry that classifies real and replayed features
 _C.MODEL.REPLAY.COV = "full"  # covariance per class: full | diagonal | shared (one pooled covariance)
 _C.MODEL.REPLAY.SHRINKAGE = 1e-4  # added to the covariance's diagonal (s * I)
@@ -229,12 +235,13 @@ _C.MODEL.REPLAY.WEIGHT = 1.0  # weight of the replay classification loss
 
 _C.MODEL.SEVPR = CN()  # SemanticPrototypeHead (SECA SE-VPR): text-refined visual prototypes
 _C.MODEL.SEVPR.PROTO_WEIGHT = 0.5  # logit = tau * ((1 - w) cos(x, t_c) + w cos(x, refined prototype))
-_C.MODEL.SEVPR.MOMENTUM = 0.99  # EMA momentum of prototypes from positive RoIs in training (1 = only after each task)
-_C.MODEL.SEVPR.INIT_TEMPERATURE = 0.1  # W starts so that relations are softmax(-||t_c - t_j||^2 / this)
-_C.MODEL.SEVPR.ANCHOR_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined p_c, p_c))
+_C.MODEL.SEVPR.PROTO_LOSS_WEIGHT = 1.0  # weight of CE(tau cos(z_r, refined prototypes)) over the current task's classes
+_C.MODEL.SEVPR.REG_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined prototype at its task's end, now)); 0 = no continual part
 
-_C.MODEL.SGAKT = CN()  # SGAKTDistill (SECA SG-AKT): relevance-weighted distillation from earlier heads
-_C.MODEL.SGAKT.TEMPERATURE = 20.0  # KL distillation temperature (loss scaled by T^2)
-_C.MODEL.SGAKT.WEIGHT = 1.0  # loss weight, multiplied by the task index (0 in the first task)
-_C.MODEL.SGAKT.ATTENTION_TEMPERATURE = 0.1  # softmax temperature of the snapshots' text relevance
-_C.MODEL.SGAKT.RELEVANCE = "max"  # a snapshot's relevance to a RoI label: max | mean cos over its classes
+_C.MODEL.SGAKT = CN()  # SGAKTDistill (SECA SG-AKT): distillation from an aggregated pool of feature-path snapshots
+_C.MODEL.SGAKT.TEMPERATURE = 20.0  # KL on softmax(T * cos(., t_c)) over the current task's classes (no T^2 factor)
+_C.MODEL.SGAKT.WEIGHT = 1.0  # KL weight, multiplied by the task index (0 in the first task)
+_C.MODEL.SGAKT.POOL_SIZE = 5  # snapshots kept at most; when full the least relevant is replaced
+_C.MODEL.SGAKT.MOMENTUM = 0.5  # EMA momentum of each snapshot's accumulated relevance
+_C.MODEL.SGAKT.AGG_WEIGHT = 1.0  # weight of the aggregator's CE (its only training signal)
+_C.MODEL.SGAKT.AGG_SCALE = 50.0  # logit scale of that CE's cosine classifier

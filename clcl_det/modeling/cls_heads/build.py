@@ -1,16 +1,17 @@
 """CLS_HEAD_REGISTRY, the base class of classification heads, and the builder."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from ...utils.registry import Registry, lookup
 from ..context import HeadContext
 
-__all__ = ["CLS_HEAD_REGISTRY", "ClsHead", "build_cls_head", "unbiased_cross_entropy"]
+__all__ = ["CLS_HEAD_REGISTRY", "ClsHead", "build_cls_head", "unbiased_cross_entropy", "clip_region_features"]
 
 CLS_HEAD_REGISTRY = Registry("CLS_HEAD")
 CLS_HEAD_REGISTRY.__doc__ = """Classification heads: (cfg, embed_dim) -> ClsHead mapping RoI embeddings to
@@ -31,10 +32,24 @@ def unbiased_cross_entropy(logits: Tensor, labels: Tensor, num_old: int = 0) -> 
     return (logits.logsumexp(dim=1) - target).mean()
 
 
+def clip_region_features(dense: Tensor, rois: Sequence[Tensor], stride: int) -> Tensor:
+    """Frozen CLIP region features: the dense CLIP map averaged inside each box (RoIAlign 1x1),
+    L2-normalised (R x D). They depend on the image alone, never on trained parameters."""
+    pooled = roi_align(dense, list(rois), output_size=1, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+    return F.normalize(pooled.flatten(1), dim=-1)
+
+
 class ClsHead(nn.Module):
     """Base class: `forward(x, ctx, rois)` gives logits R x (K+1), background last; `losses`
     gives the classification loss (cross-entropy, unbiased for background when
-    `ctx.background_absorbs` > 0; label -1 is ignored)."""
+    `ctx.background_absorbs` > 0; label -1 is ignored).
+
+    Feature replay (`GaussianReplay`) asks the head which space its statistics live in
+    (`replay_space`: "box" = the box-head output that enters the RoI head's trainable `embed`
+    layer, "clip" = the frozen CLIP region feature) and how replayed features are classified
+    (`replay_logits`)."""
+
+    replay_space: str = "box"
 
     def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -44,6 +59,11 @@ class ClsHead(nn.Module):
         if not bool(valid.any()):
             return {"loss_cls": logits.sum() * 0.0}
         return {"loss_cls": unbiased_cross_entropy(logits[valid], labels[valid], ctx.background_absorbs)}
+
+    def replay_logits(self, feats: Tensor, ctx: HeadContext, embed: Optional[nn.Module]) -> Tensor:
+        """Logits R x (K+1) of replayed features of `replay_space` ("box": through the RoI head's
+        trainable `embed` layer, then this head)."""
+        return self(embed(feats) if embed is not None else feats, ctx, None)
 
 
 def build_cls_head(cfg: Any, embed_dim: int) -> ClsHead:

@@ -1,5 +1,5 @@
-"""Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of RoI embeddings,
-stored after each task, sampled while later tasks train (METHOD.md section 4)."""
+"""Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of features in a
+space whose later layers train, stored after each task, sampled while later tasks train."""
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -13,17 +13,25 @@ from ...config import ConfigError, configurable
 from ...utils import comm
 from ...utils.registry import lookup
 from ..context import HeadContext
-from .build import CLS_HEAD_REGISTRY, ClsHead
+from .build import CLS_HEAD_REGISTRY, ClsHead, clip_region_features
 
-__all__ = ["GaussianReplay", "ground_truth_embeddings", "all_reduce_sum", "COV_MODES"]
+__all__ = ["GaussianReplay", "ground_truth_features", "ground_truth_embeddings", "all_reduce_sum", "COV_MODES"]
 
 COV_MODES = ("full", "diagonal", "shared")
 
 
+REPLAY_SPACES = ("box", "clip", "embed")
+
+
 @torch.no_grad()
-def ground_truth_embeddings(model: nn.Module, loader: Iterable[List[Dict[str, Any]]]) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Per batch of mapped dicts, the RoI embeddings of the ground-truth boxes (N x D, from the
-    model's RoI head in eval mode) and their classes (N). Images without boxes are skipped."""
+def ground_truth_features(model: nn.Module, loader: Iterable[List[Dict[str, Any]]],
+                          space: str = "embed") -> Iterator[Tuple[Tensor, Tensor]]:
+    """Per batch of mapped dicts, features of the ground-truth boxes (N x F, model in eval mode)
+    and their classes (N). `space`: "box" = the box-head output that enters the RoI head's
+    `embed` layer, "clip" = frozen CLIP region features (`clip_region_features`), "embed" = the
+    RoI embeddings. Images without boxes are skipped."""
+    if space not in REPLAY_SPACES:
+        raise ValueError(f"feature space '{space}' is not one of {' | '.join(REPLAY_SPACES)}")
     was_training = model.training
     model.eval()
     try:
@@ -36,10 +44,20 @@ def ground_truth_embeddings(model: nn.Module, loader: Iterable[List[Dict[str, An
             bb = model.backbone(images.tensors)
             ctx = model.make_context(bb["clip_dense"], images.image_sizes)
             boxes = [x["boxes"].to(model.device).float() for x in batch]
-            out = heads.predict(heads.pool(bb["features"], boxes, images.image_sizes), boxes, ctx)
-            yield out["embeddings"], torch.cat([x["classes"] for x in batch]).to(model.device)
+            if space == "clip":
+                feats = clip_region_features(ctx.clip_dense, boxes, ctx.clip_stride)
+            else:
+                feats = heads.box_head(heads.pool(bb["features"], boxes, images.image_sizes))
+                if space == "embed":
+                    feats = heads.embed(feats)
+            yield feats, torch.cat([x["classes"] for x in batch]).to(model.device)
     finally:
         model.train(was_training)
+
+
+def ground_truth_embeddings(model: nn.Module, loader: Iterable[List[Dict[str, Any]]]) -> Iterator[Tuple[Tensor, Tensor]]:
+    """`ground_truth_features` in the RoI-embedding space."""
+    return ground_truth_features(model, loader, "embed")
 
 
 def all_reduce_sum(*tensors: Tensor) -> None:
@@ -60,11 +78,15 @@ def _mix_seed(*parts: int) -> int:
 @CLS_HEAD_REGISTRY.register()
 class GaussianReplay(ClsHead):
     """Wraps an inner classification head. After each task (`on_task_data`) stores, per class of
-    that task, the mean and covariance of its ground-truth RoI embeddings (`cov`: full, diagonal
+    that task, the mean and covariance of its ground-truth boxes' features (`cov`: full, diagonal
     or one covariance shared by all classes; `shrinkage`·I added) in buffers that grow per task
-    and are saved with the model. While later tasks train, `samples_per_class` pseudo-features per
-    old class are drawn each iteration and classified by the inner head over all seen classes
-    (`loss_replay`). Draws come from a generator seeded by (seed, task, iteration), so a run is
+    and are saved with the model. The features live where the inner head says
+    (`inner.replay_space`): around `TextClassifier` / `SemanticPrototypeHead` the box-head output
+    that enters the RoI head's trainable `embed` layer (replayed through that layer, so the loss
+    reaches it); around `SPAHead` the frozen CLIP region features (replayed through the current
+    task projectors). While later tasks train, `samples_per_class` pseudo-features per old class
+    are drawn each iteration and classified (`inner.replay_logits`) by cross-entropy over all seen
+    classes (`loss_replay`). Draws come from a generator seeded by (seed, task, iteration), so a run is
     reproducible, resumes bit-identically and does not depend on the number of processes (every
     process draws the same features)."""
 
@@ -78,7 +100,7 @@ class GaussianReplay(ClsHead):
             raise ValueError(f"MODEL.REPLAY: SHRINKAGE ({shrinkage}) and SAMPLES_PER_CLASS ({samples_per_class}) "
                              f"must be >= 0")
         self.inner = inner
-        self.embed_dim, self.cov_mode, self.shrinkage = embed_dim, cov, shrinkage
+        self.embed_dim, self.cov_mode, self.shrinkage = embed_dim, cov, shrinkage  # embed_dim: feature width
         self.samples_per_class, self.weight = samples_per_class, weight
         self.seed = seed if seed >= 0 else int(torch.randint(2**31 - 1, ()))
         D = embed_dim
@@ -93,6 +115,7 @@ class GaussianReplay(ClsHead):
             self.register_buffer("shared_dof", torch.zeros(()))  # its degrees of freedom, sum_c (n_c - 1)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training iterations of this task
         self._factors: Optional[Tuple[Tensor, Tensor]] = None  # (classes, cached Cholesky/std factors)
+        self._embed: Optional[nn.Module] = None  # the RoI head's embed layer (a reference, not a child)
 
     @classmethod
     def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
@@ -121,15 +144,39 @@ class GaussianReplay(ClsHead):
             self.variances = torch.cat([self.variances, self.variances.new_zeros(extra, D)])
         self._factors = None
 
+    def _set_width(self, width: int) -> None:
+        """Feature width of the statistics (only while none are stored)."""
+        if width == self.embed_dim:
+            return
+        if self.num_stored:
+            raise ValueError(f"GaussianReplay: statistics of width {self.embed_dim} stored, features now {width} wide")
+        self.embed_dim = width
+        ref = self.means
+        self.means = ref.new_zeros(0, width)
+        if self.cov_mode == "full":
+            self.covariances = ref.new_zeros(0, width, width)
+        elif self.cov_mode == "diagonal":
+            self.variances = ref.new_zeros(0, width)
+        else:
+            self.shared_covariance = ref.new_zeros(width, width)
+        self._factors = None
+
     def on_task_start(self, task: Any, model: nn.Module) -> None:
-        """Buffers sized for the task's seen classes (zeros for the new ones); iteration count 0."""
+        """Find the replay space's width and the `embed` layer replayed features go through;
+        buffers sized for the task's seen classes (zeros for the new ones); iteration count 0."""
+        heads = getattr(model, "roi_heads", None)
+        if self.inner.replay_space == "box" and heads is not None:
+            object.__setattr__(self, "_embed", heads.embed)  # not registered: the RoI head owns it
+            self._set_width(heads.embed.in_features)
+        elif self.inner.replay_space == "clip" and model is not None:
+            self._set_width(model.backbone.embed_dim)
         self._grow(task.stop)
         self.step.zero_()
 
     def on_task_data(self, task: Any, model: nn.Module, loader: Iterable) -> None:
         """Statistics of the task's classes from the ground-truth boxes of its training images."""
         classes = torch.arange(task.start, task.stop)
-        self.set_statistics(classes, ground_truth_embeddings(model, loader))
+        self.set_statistics(classes, ground_truth_features(model, loader, self.inner.replay_space))
 
     @torch.no_grad()
     def set_statistics(self, classes: Tensor, batches: Iterable[Tuple[Tensor, Tensor]]) -> None:
@@ -244,5 +291,6 @@ class GaussianReplay(ClsHead):
         task = ctx.task.index if ctx.task is not None else 0
         g = torch.Generator().manual_seed(_mix_seed(self.seed, task, step))
         feats, labs = self.sample(classes, self.samples_per_class, g)
-        out["loss_replay"] = self.weight * F.cross_entropy(self.inner(feats, ctx, None), labs)
+        replayed = self.inner.replay_logits(feats, ctx, self._embed)[:, : ctx.num_classes]  # seen classes
+        out["loss_replay"] = self.weight * F.cross_entropy(replayed, labs)
         return out
