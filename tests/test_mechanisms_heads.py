@@ -171,7 +171,7 @@ def test_mechanism_sevpr_regulariser_pulls_refined_prototypes_to_their_stored_va
     with torch.no_grad():
         head.refine.proj.weight.mul_(3.0)
     losses = model(batch)
-    assert float(losses["loss_proto_reg"]) > 0 and float(losses["loss_proto"]) > 0
+    assert float(losses["loss_proto_reg"].detach()) > 0 and float(losses["loss_proto"].detach()) > 0
     grads = _grads_of(model, losses["loss_proto_reg"])
     assert float(grads["roi_heads.cls_head.refine.proj.weight"].abs().sum()) > 0
     assert grads["roi_heads.embed.weight"] is None  # prototypes, not embeddings
@@ -224,7 +224,7 @@ def test_mechanism_sgakt_trains_aggregator_and_student_from_snapshots_of_the_fea
             assert torch.equal(v, getattr(model.roi_heads, name).state_dict()[k])
     model.train()
     losses = model(_batch(TASK1))
-    assert float(losses["loss_sgakt"]) > 0 and float(losses["loss_sgakt_agg"]) > 0
+    assert float(losses["loss_sgakt"].detach()) > 0 and float(losses["loss_sgakt_agg"].detach()) > 0
     g_kl = _grads_of(model, losses["loss_sgakt"])
     assert float(g_kl["roi_heads.embed.weight"].abs().sum()) > 0  # the student is distilled
     assert all(g is None for n, g in g_kl.items() if n.startswith("continual_losses.0.aggregator"))
