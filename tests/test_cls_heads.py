@@ -368,6 +368,7 @@ def test_sgakt_snapshot_frozen_replayed_and_distilled():
     forward = loss.forward
 
     def spy(m, outputs, batched_inputs, teacher):
+        captured["agg"] = copy.deepcopy(loss.aggregator)  # as this step saw it (the optimizer moves it)
         captured["outputs"], captured["loss"] = outputs, forward(m, outputs, batched_inputs, teacher)
         return captured["loss"]
 
@@ -383,7 +384,7 @@ def test_sgakt_snapshot_frozen_replayed_and_distilled():
     with torch.no_grad():
         feats = snap.backbone.pyramid_features(o["backbone"]["taps"])
         allv = snap.embed(snap.box_head(snap.pooler(feats, rois, ctx.image_sizes)))[pos]
-        agg = loss.aggregator
+        agg = captured["agg"]
         v = F.layer_norm(allv, (allv.shape[1],), agg.ln_k.weight, agg.ln_k.bias)
         teacher = F.layer_norm(v, (v.shape[1],), agg.ln_post.weight, agg.ln_post.bias)  # one snapshot: R = 1
         text = F.normalize(ctx.class_embeddings[10:20], dim=-1)
