@@ -278,3 +278,36 @@ def test_mechanism_faster_ilod_terms_zero_for_the_teacher_positive_when_perturbe
     for term in ("feat", "rpn", "roi"):
         value = losses[f"loss_distill_{term}"]
         assert (value > 0) if term in moved else (value == 0.0), (part, losses)
+
+
+# -- the configs without each continual part --------------------------------------------------------------
+@pytest.mark.parametrize("name,key,off", [
+    ("replay_10+10_no_replay", "MODEL.REPLAY.WEIGHT", 0.0), ("spa_10+10_no_replay", "MODEL.REPLAY.WEIGHT", 0.0),
+    ("secapp_10+10_no_replay", "MODEL.REPLAY.WEIGHT", 0.0), ("sevpr_10+10_no_reg", "MODEL.SEVPR.REG_WEIGHT", 0.0),
+    ("seca_10+10_no_sgakt", "MODEL.CONTINUAL_LOSSES", [])])
+@pytest.mark.parametrize("prefix", ["", "clclip_"])
+def test_mechanism_configs_without_the_continual_part_differ_from_theirs_only_there(name, key, off, prefix):
+    import os
+
+    from clcl_det.config import get_cfg
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Shapes")
+    cfgs = []
+    for n in (f"{prefix}{name}", f"{prefix}{name.split('_no_')[0]}"):
+        cfg = get_cfg()
+        cfg.merge_from_file(os.path.join(folder, f"{n}.yaml"))
+        cfgs.append(cfg)
+    without, full = cfgs
+
+    def get(cfg, k):
+        for part in k.split("."):
+            cfg = cfg[part]
+        return cfg
+
+    if key == "MODEL.CONTINUAL_LOSSES":
+        assert "SGAKTDistill" in full.MODEL.CONTINUAL_LOSSES and "SGAKTDistill" not in without.MODEL.CONTINUAL_LOSSES
+        assert [x for x in full.MODEL.CONTINUAL_LOSSES if x != "SGAKTDistill"] == list(without.MODEL.CONTINUAL_LOSSES)
+    else:
+        assert get(without, key) == off and get(full, key) != off
+    without.merge_from_list([key, get(full, key), "OUTPUT_DIR", full.OUTPUT_DIR])
+    assert without.dump() == full.dump()
