@@ -259,7 +259,7 @@ def _distill_losses(model, teacher):
     model.set_teacher(teacher)
     model.train()
     losses = model(_batch(TASK0, seed=3))
-    return {k: float(losses[k]) for k in ("loss_distill_feat", "loss_distill_rpn", "loss_distill_roi")}
+    return {k: float(losses[k].detach()) for k in ("loss_distill_feat", "loss_distill_rpn", "loss_distill_roi")}
 
 
 @pytest.mark.parametrize("part,moved", [(None, ()), ("backbone.fpn", ("feat", "rpn", "roi")),
