@@ -292,20 +292,25 @@ class SPAHead(TextClassifier):
         flat = patches.reshape(R * P, D)
         r_all, c_all = candidates.nonzero(as_tuple=True)  # sorted by RoI
         chunk = self.pairs_per_call or max(1, _PAIR_BUDGET // ((n + L) * D + K * P * bank.sentences.shape[1]))
-        values = []
+        values, where = [], []
         for s in range(0, len(r_all), chunk):
             r, c = r_all[s:s + chunk], c_all[s:s + chunk]
             r0, r1 = int(r[0]), int(r[-1]) + 1
             with torch.no_grad():
                 idx = select_patches(patches[r0:r1], bank.sentences, bank.sentence_mask, n)[r - r0, c]  # B x n
+            order = torch.argsort(c, stable=True)  # grouped by class: each group's tokens are shared
+            r, c, idx = r[order], c[order], idx[order]
             chosen = flat[r[:, None] * P + idx]  # B x n x D
-            cost = 1.0 - torch.bmm(chosen, bank.tokens[c].transpose(1, 2))  # B x n x L
+            classes, counts = torch.unique_consecutive(c, return_counts=True)
+            cost = torch.cat([1.0 - part @ bank.tokens[k].t()  # B_k x n x L
+                              for part, k in zip(chosen.split(counts.tolist()), classes.tolist())])
             _, value = solve_ot_batch(cost, bank.token_mask[c], self.epsilon, self.ot_method, self.ot_max_iter,
                                       self.ot_tol)
             values.append(1.0 - value)
+            where.append(r * K + c)
         scores = patches.new_zeros(R * K)
         if values:
-            scores = scores.index_put((r_all * K + c_all,), torch.cat(values).to(scores))
+            scores = scores.index_put((torch.cat(where),), torch.cat(values).to(scores))
         return scores.view(R, K)
 
     def spa_logits(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
