@@ -220,7 +220,7 @@ _C.MODEL.SPA.OT_WEIGHT = 1.0  # lambda: logit = tau * (cos(z, t_c) + lambda * s_
 _C.MODEL.SPA.OT_METHOD = "auto"  # POT ot.solve_batch method: sinkhorn (CPU) | log_sinkhorn | auto (sinkhorn on CPU if EPSILON >= 0.05)
 _C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
 _C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
-_C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k text-classifier classes (0 = all); the others keep the text logit
+_C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k classes by cos(projected region feature, t_c) (0 = all); the others get no OT term
 _C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
 _C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the frozen CLIP patches/region feature (zero-init residual, frozen after its task)
 _C.MODEL.SPA.COMBINE = "sum"  # SPA logits with the detector's: sum | ensemble ((1-w) log-softmax det + w log-softmax SPA)
