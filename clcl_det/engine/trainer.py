@@ -95,12 +95,17 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.opti
 
 def unused_parameters(model: nn.Module, batch: Any) -> List[str]:
     """Names of the trainable parameters that get no gradient from the loss of `batch` (one
-    forward/backward; gradients are cleared and the RNG state restored afterwards)."""
+    forward/backward; gradients are cleared, and the RNG state and the buffers the forward updates
+    (running statistics, counters) restored afterwards: the probe is not a training step)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     with torch.random.fork_rng(devices=[]):
         losses = model(batch)
         sum(losses.values()).backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
     return names
 
 
