@@ -105,8 +105,6 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 #                       <other> (broadcast over trailing dims; rows no rank touched stay). Exact for
 #                       an EMA of batch means, snapshot + a (mean_r - snapshot), a equal on every rank.
 # Buffers a module updates identically on every process (e.g. an iteration counter) need no rule.
-# After combining, a module's `training_statistics_reduced()` (if it has one) recomputes what it
-# derives from them (e.g. SE-VPR's normalised running prototypes from their sums).
 
 def _marked_buffers(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, str, str]]:
     out = []
@@ -158,7 +156,3 @@ def all_reduce_training_statistics(model: torch.nn.Module, before: Dict[str, tor
             dist.all_reduce(den)
             d = torch.where(den != 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
         buf.copy_((before[full].double() + d).to(buf.dtype))
-    for m in {id(m): m for _, m, _, _ in marked}.values():  # values derived from the combined buffers
-        refresh = getattr(m, "training_statistics_reduced", None)
-        if callable(refresh):
-            refresh()

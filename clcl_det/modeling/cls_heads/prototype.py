@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import configurable
+from ...utils import comm
 from ..context import HeadContext
 from ..roi_statistics import all_reduce_sum, clip_region_features, ground_truth_features
 from .build import CLS_HEAD_REGISTRY
@@ -52,9 +53,9 @@ class SemanticPrototypeHead(TextClassifier):
     task's classes) on the RoIs of those classes and, from task 2 on, `loss_proto_reg` = mean over
     old classes of 1 - cos(c^_k stored at the end of its task, c^_k now)."""
 
-    # running sums of `accumulate` (updated inside `losses`), summed over processes by the trainer
-    # (utils/comm.py), which then calls `training_statistics_reduced` to renormalise the prototypes
-    training_statistics = {"proto_sums": "sum", "proto_counts": "sum"}
+    # The running sums of `accumulate` are updated inside `losses` with every process's RoIs (summed
+    # there, before `loss_proto` reads them), so every process holds the same values: they need no
+    # `training_statistics` rule (utils/comm.py), which would count the other processes twice.
     loss_names = ("loss_proto", "loss_proto_reg")
 
     @configurable
@@ -145,20 +146,17 @@ class SemanticPrototypeHead(TextClassifier):
 
     @torch.no_grad()
     def accumulate(self, region: Tensor, labels: Tensor) -> None:
-        """Running means of the positive RoIs' frozen CLIP features, for classes not final yet."""
+        """Running means of the positive RoIs' frozen CLIP features, for classes not final yet, over
+        the RoIs of every process (every process calls this in each training step)."""
         K = int(self.prototypes.shape[0])
         fg = (labels >= 0) & (labels < K)
         fg[fg.clone()] &= ~self.proto_final[labels[fg]]
-        if not bool(fg.any()):
-            return
         lab = labels[fg]
-        self.proto_sums.index_add_(0, lab, region[fg].to(self.proto_sums))
-        self.proto_counts.index_add_(0, lab, torch.ones_like(lab, dtype=self.proto_counts.dtype))
-        self.training_statistics_reduced()
-
-    @torch.no_grad()
-    def training_statistics_reduced(self) -> None:
-        """Running prototypes (classes not final yet) from the running sums."""
+        ds = torch.zeros_like(self.proto_sums).index_add_(0, lab, region[fg].to(self.proto_sums))
+        dn = torch.zeros_like(self.proto_counts).index_add_(0, lab, torch.ones_like(lab, dtype=self.proto_counts.dtype))
+        all_reduce_sum(ds, dn)  # every process's RoIs (a no-op in one process; called on every process)
+        self.proto_sums += ds
+        self.proto_counts += dn
         upd = (self.proto_counts > 0) & ~self.proto_final
         self.prototypes[upd] = F.normalize(self.proto_sums[upd], dim=-1)
 
@@ -208,9 +206,15 @@ class SemanticPrototypeHead(TextClassifier):
         col[cols] = torch.arange(len(cols), device=labels.device)
         target = col[labels.clamp(0, K)]
         rows = (labels >= 0) & (target >= 0)
+        # mean over the rows of every process: DDP's average of the per-process losses is then the
+        # loss of the whole batch, as in one process (the rows per process differ)
+        n_rows = rows.sum().to(self.proto_sums.dtype)
+        all_reduce_sum(n_rows)
+        n_rows = n_rows / comm.get_world_size()
         if self.proto_loss_weight > 0 and bool(rows.any()):
             proto_logits = self.scale() * F.normalize(x[rows], dim=-1) @ ref[cols].t()
-            out["loss_proto"] = self.proto_loss_weight * F.cross_entropy(proto_logits, target[rows])
+            out["loss_proto"] = self.proto_loss_weight * F.cross_entropy(proto_logits, target[rows],
+                                                                         reduction="sum") / n_rows
         else:
             out["loss_proto"] = zero
         stored = min(start, int(self.refined_has.shape[0]))
