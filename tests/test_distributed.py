@@ -22,10 +22,9 @@ HEADS = {
     "fvit": [],
     "clclip": ["MODEL.ROI_HEADS.NAME", "MultiExpertRoIHeads", "MODEL.CONTINUAL_LOSSES", "['FPNDrift', 'Orthogonality']",
                "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM", "4"],
-    "sevpr": ["MODEL.CLS_HEAD.NAME", "SemanticPrototypeHead", "MODEL.SEVPR.MOMENTUM", "0.5"],  # EMA updated in losses
+    "sevpr": ["MODEL.CLS_HEAD.NAME", "SemanticPrototypeHead"],  # running prototypes updated in losses
     "replay": ["MODEL.CLS_HEAD.NAME", "GaussianReplay"],
-    "secapp": ["MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.INNER_HEAD", "SemanticPrototypeHead",
-               "MODEL.SEVPR.MOMENTUM", "0.5"],
+    "secapp": ["MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.INNER_HEAD", "SemanticPrototypeHead"],
     "spa": ["MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.INNER_HEAD", "SPAHead", "MODEL.SPA.DESCRIPTIONS",
             "shapes", "MODEL.SPA.TOPK", "3", "MODEL.SPA.POOLER_RESOLUTION", "4", "MODEL.SPA.NUM_PATCHES", "4"],
 }
@@ -68,7 +67,7 @@ def _worker(heads, out_file):
 
 
 def test_two_processes_agree_with_one_for_every_head(shapes_root, tmp_path):
-    """Losses, parameters and buffers (SE-VPR's EMA prototypes are updated inside `losses`) of
+    """Losses, parameters and buffers (SE-VPR's running prototypes are updated inside `losses`) of
     2 processes x 2 images equal those of 1 process x 4, for every head config; every rank holds
     the same buffers."""
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
@@ -90,7 +89,7 @@ def test_two_processes_agree_with_one_for_every_head(shapes_root, tmp_path):
             assert torch.equal(r0[k], r1[k]), f"{name}: {k} differs between ranks"
         # the model did move: agreement is not the trivial one of an untouched model
         assert any(la["loss_cls"] != a["losses"][0]["loss_cls"] for la in a["losses"][1:]), name
-    for name in ("sevpr", "secapp"):  # the EMA did run: prototypes of several batches
+    for name in ("sevpr", "secapp"):  # the running means did run: prototypes of several batches
         counts = [v for k, v in res_a[name]["state"].items() if k.endswith("proto_counts")][0]
         assert counts.sum() > 0, (name, counts)
 

@@ -19,15 +19,17 @@ def add_spa_config(_C: CN) -> None:
     _C.MODEL.SPA.OT_METHOD = "auto"  # POT ot.solve_batch method: sinkhorn (CPU) | log_sinkhorn | auto (sinkhorn on CPU if EPSILON >= 0.05)
     _C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
     _C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
-    _C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k text-classifier classes (0 = all); the others keep the text logit
+    _C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k classes by cos(projected region feature, t_c) (0 = all); the others get no OT term
     _C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
-    _C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the RoI embedding (zero-initialised, frozen after its task)
+    _C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the frozen CLIP patches/region feature (zero-init residual, frozen after its task)
+    _C.MODEL.SPA.COMBINE = "sum"  # SPA logits with the detector's: sum | ensemble ((1-w) log-softmax det + w log-softmax SPA)
+    _C.MODEL.SPA.ENSEMBLE_WEIGHT = 0.5  # w of COMBINE ensemble
 
 
 @register_config
 def add_replay_config(_C: CN) -> None:
     """GaussianReplay's keys (MODEL.REPLAY)."""
-    _C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics of RoI embeddings, replayed later
+    _C.MODEL.REPLAY = CN()  # GaussianReplay: per-class Gaussian statistics (box-head output, or frozen CLIP features for SPA), replayed later
     _C.MODEL.REPLAY.INNER_HEAD = "TextClassifier"  # CLS_HEAD_REGISTRY entry that classifies real and replayed features
     _C.MODEL.REPLAY.COV = "full"  # covariance per class: full | diagonal | shared (one pooled covariance)
     _C.MODEL.REPLAY.SHRINKAGE = 1e-4  # added to the covariance's diagonal (s * I)
@@ -40,6 +42,5 @@ def add_sevpr_config(_C: CN) -> None:
     """SemanticPrototypeHead's keys (MODEL.SEVPR)."""
     _C.MODEL.SEVPR = CN()  # SemanticPrototypeHead (SECA SE-VPR): text-refined visual prototypes
     _C.MODEL.SEVPR.PROTO_WEIGHT = 0.5  # logit = tau * ((1 - w) cos(x, t_c) + w cos(x, refined prototype))
-    _C.MODEL.SEVPR.MOMENTUM = 0.99  # EMA momentum of prototypes from positive RoIs in training (1 = only after each task)
-    _C.MODEL.SEVPR.INIT_TEMPERATURE = 0.1  # W starts so that relations are softmax(-||t_c - t_j||^2 / this)
-    _C.MODEL.SEVPR.ANCHOR_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined p_c, p_c))
+    _C.MODEL.SEVPR.PROTO_LOSS_WEIGHT = 1.0  # weight of CE(tau cos(z_r, refined prototypes)) over the current task's classes
+    _C.MODEL.SEVPR.REG_WEIGHT = 1.0  # weight of mean_old (1 - cos(refined prototype at its task's end, now)); 0 = no continual part

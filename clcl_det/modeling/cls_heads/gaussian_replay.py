@@ -1,5 +1,5 @@
-"""Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of RoI embeddings,
-stored after each task, sampled while later tasks train (docs/methods.md, GaussianReplay)."""
+"""Gaussian pseudo-feature replay (SPA / SECA++): per-class Gaussian statistics of features in a
+space whose later layers train, stored after each task, sampled while later tasks train."""
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -12,7 +12,7 @@ from ...config import ConfigError, configurable
 from ...utils.registry import lookup
 from ...utils.seed import derive_seed
 from ..context import HeadContext
-from ..roi_statistics import all_reduce_sum, ground_truth_embeddings
+from ..roi_statistics import all_reduce_sum, ground_truth_features
 from .build import CLS_HEAD_REGISTRY, ClsHead
 
 __all__ = ["GaussianReplay", "COV_MODES"]
@@ -31,13 +31,19 @@ def _mix_seed(*parts: int) -> int:
 @CLS_HEAD_REGISTRY.register()
 class GaussianReplay(ClsHead):
     """Wraps an inner classification head. After each task (`on_task_data`) stores, per class of
-    that task, the mean and covariance of its ground-truth RoI embeddings (`cov`: full, diagonal
+    that task, the mean and covariance of its ground-truth boxes' features (`cov`: full, diagonal
     or one covariance shared by all classes; `shrinkage`·I added) in buffers that grow per task
-    and are saved with the model. While later tasks train, `samples_per_class` pseudo-features per
-    old class are drawn each iteration and classified by the inner head over all seen classes
-    (`loss_replay`). Draws come from a generator seeded by (seed, task, iteration), so a run is
+    and are saved with the model. The features live where the inner head says
+    (`inner.replay_space`): around `TextClassifier` / `SemanticPrototypeHead` the box-head output
+    that enters the RoI head's trainable `embed` layer (replayed through that layer, so the loss
+    reaches it); around `SPAHead` the frozen CLIP region features (replayed through the current
+    task projectors). While later tasks train, `samples_per_class` pseudo-features per old class
+    are drawn each iteration and classified (`inner.replay_logits`) by cross-entropy over all seen
+    classes (`loss_replay`). Draws come from a generator seeded by (seed, task, iteration), so a run is
     reproducible, resumes bit-identically and does not depend on the number of processes (every
     process draws the same features)."""
+
+    loss_names = ("loss_replay",)
 
     @configurable
     def __init__(self, *, inner: ClsHead, embed_dim: int, cov: str = "full", shrinkage: float = 1e-4,
@@ -49,7 +55,7 @@ class GaussianReplay(ClsHead):
             raise ValueError(f"MODEL.REPLAY: SHRINKAGE ({shrinkage}) and SAMPLES_PER_CLASS ({samples_per_class}) "
                              f"must be >= 0")
         self.inner = inner
-        self.embed_dim, self.cov_mode, self.shrinkage = embed_dim, cov, shrinkage
+        self.embed_dim, self.cov_mode, self.shrinkage = embed_dim, cov, shrinkage  # embed_dim: feature width
         self.samples_per_class, self.weight = samples_per_class, weight
         self.seed = seed if seed >= 0 else int(torch.randint(2**31 - 1, ()))
         D = embed_dim
@@ -64,6 +70,7 @@ class GaussianReplay(ClsHead):
             self.register_buffer("shared_dof", torch.zeros(()))  # its degrees of freedom, sum_c (n_c - 1)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training iterations of this task
         self._factors: Optional[Tuple[Tensor, Tensor]] = None  # (classes, cached Cholesky/std factors)
+        self._embed: Optional[nn.Module] = None  # the RoI head's embed layer (a reference, not a child)
 
     @classmethod
     def from_config(cls, cfg: Any, embed_dim: int) -> Dict[str, Any]:
@@ -92,15 +99,39 @@ class GaussianReplay(ClsHead):
             self.variances = torch.cat([self.variances, self.variances.new_zeros(extra, D)])
         self._factors = None
 
+    def _set_width(self, width: int) -> None:
+        """Feature width of the statistics (only while none are stored)."""
+        if width == self.embed_dim:
+            return
+        if self.num_stored:
+            raise ValueError(f"GaussianReplay: statistics of width {self.embed_dim} stored, features now {width} wide")
+        self.embed_dim = width
+        ref = self.means
+        self.means = ref.new_zeros(0, width)
+        if self.cov_mode == "full":
+            self.covariances = ref.new_zeros(0, width, width)
+        elif self.cov_mode == "diagonal":
+            self.variances = ref.new_zeros(0, width)
+        else:
+            self.shared_covariance = ref.new_zeros(width, width)
+        self._factors = None
+
     def on_task_start(self, task: Any, model: nn.Module) -> None:
-        """Buffers sized for the task's seen classes (zeros for the new ones); iteration count 0."""
+        """Find the replay space's width and the `embed` layer replayed features go through;
+        buffers sized for the task's seen classes (zeros for the new ones); iteration count 0."""
+        heads = getattr(model, "roi_heads", None)
+        if self.inner.replay_space == "box" and heads is not None:
+            object.__setattr__(self, "_embed", heads.embed)  # not registered: the RoI head owns it
+            self._set_width(heads.embed.in_features)
+        elif self.inner.replay_space == "clip" and model is not None:
+            self._set_width(model.backbone.embed_dim)
         self._grow(task.stop)
         self.step.zero_()
 
     def on_task_data(self, task: Any, model: nn.Module, loader: Iterable) -> None:
         """Statistics of the task's classes from the ground-truth boxes of its training images."""
         classes = torch.arange(task.start, task.stop)
-        self.set_statistics(classes, ground_truth_embeddings(model, loader))
+        self.set_statistics(classes, ground_truth_features(model, loader, self.inner.replay_space))
 
     @torch.no_grad()
     def set_statistics(self, classes: Tensor, batches: Iterable[Tuple[Tensor, Tensor]]) -> None:
@@ -215,5 +246,6 @@ class GaussianReplay(ClsHead):
         task = ctx.task.index if ctx.task is not None else 0
         g = torch.Generator().manual_seed(_mix_seed(self.seed, task, step))
         feats, labs = self.sample(classes, self.samples_per_class, g)
-        out["loss_replay"] = self.weight * F.cross_entropy(self.inner(feats, ctx, None), labs)
+        replayed = self.inner.replay_logits(feats, ctx, self._embed)[:, : ctx.num_classes]  # seen classes
+        out["loss_replay"] = self.weight * F.cross_entropy(replayed, labs)
         return out

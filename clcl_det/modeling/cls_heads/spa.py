@@ -1,6 +1,6 @@
 """SPA (semantic-guided patch alignment): the text classifier plus an optimal-transport score between
-a RoI's description-selected dense CLIP patches and the class descriptions' semantic tokens, and
-task-specific projectors on the RoI embedding (docs/methods.md, SPAHead)."""
+a RoI's description-selected frozen CLIP patches, adapted by task-specific projectors, and the
+class descriptions' semantic tokens."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 from ...config import configurable
 from ...data.descriptions import DEFAULT_TEMPLATE, class_sentences, load_class_descriptions
 from ..context import HeadContext
+from ..roi_statistics import clip_region_features
 from .build import CLS_HEAD_REGISTRY
 from .text_classifier import TextClassifier
 
@@ -132,25 +133,42 @@ def solve_ot_batch(cost: Tensor, token_mask: Tensor, epsilon: float, method: str
     return res.plan, res.value_linear
 
 
+COMBINE_MODES = ("sum", "ensemble")
+
+
 @CLS_HEAD_REGISTRY.register()
 class SPAHead(TextClassifier):
-    """logit_c = tau * (cos(z, t_c) + lambda * s^OT_c) with z = x + sum_t P_t(x) (one zero-initialised
-    Linear(D, D) projector per task, frozen after its task) and s^OT_c = 1 - <T*, C> the entropic-OT
-    alignment of the RoI's top patches (selected by the class's description sentences) with the
-    class's description tokens. Background: tau * cos(z, t_bg). Without RoIs (e.g. replayed
-    features) the OT term is left out."""
+    """The detector's text classifier on the RoI embedding z_r, combined with SPA's class score on
+    the RoI's frozen CLIP features.
+
+    SPA works in the frozen CLIP space: the RoI's RoIAligned 7x7 patch tokens p and its global
+    region feature g go through the task projectors, u -> u + sum_t P_t(u) (one zero-initialised
+    Linear(D, D) per task, frozen after its task). Per class c, the top `num_patches` projected
+    patches by max_j cos(patch, d_{c,j}) are aligned with the class's description tokens by
+    entropic OT (cost 1 - cos, the plan held constant, so the cost's gradient reaches the current
+    projector); s^OT_c = 1 - <T*, C>. SPA logits: tau * [cos(P(g), t_c) + lambda * s^OT_c,
+    cos(P(g), t_bg)]. `combine`: "sum" adds them to the detector's logits tau * cos(z_r, [t, t_bg]);
+    "ensemble" mixes the log-softmaxes, (1 - w) * detector + w * SPA. Without RoIs (no CLIP
+    features) the detector's logits alone. Replay (`GaussianReplay`) lives in g's space and goes
+    through the same projectors (`replay_space` "clip")."""
+
+    replay_space = "clip"
 
     @configurable
     def __init__(self, *, embed_dim: int, descriptions: Optional[Mapping[str, Sequence[str]]] = None,
                  fallback_template: str = DEFAULT_TEMPLATE, num_patches: int = 16, patch_resolution: int = 7,
                  epsilon: float = 0.1, ot_weight: float = 1.0, ot_method: str = "auto", ot_max_iter: int = 100,
                  ot_tol: float = 1e-5, topk: int = 0, pairs_per_call: int = 0, task_projectors: bool = True,
-                 temperature: float = 50.0,
+                 combine: str = "sum", ensemble_weight: float = 0.5, temperature: float = 50.0,
                  learn_temperature: bool = True, learn_background: bool = False):
         super().__init__(embed_dim=embed_dim, temperature=temperature, learn_temperature=learn_temperature,
                          learn_background=learn_background)
         if ot_method not in OT_METHODS:
             raise ValueError(f"MODEL.SPA.OT_METHOD '{ot_method}' is not one of {' | '.join(OT_METHODS)}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"MODEL.SPA.COMBINE '{combine}' is not one of {' | '.join(COMBINE_MODES)}")
+        if not 0.0 <= ensemble_weight <= 1.0:
+            raise ValueError(f"MODEL.SPA.ENSEMBLE_WEIGHT ({ensemble_weight}) must be in [0, 1]")
         if "{}" not in fallback_template:
             raise ValueError(f"MODEL.SPA.FALLBACK_TEMPLATE '{fallback_template}' needs a '{{}}' for the class name")
         if epsilon <= 0 or num_patches <= 0 or patch_resolution <= 0 or topk < 0 or pairs_per_call < 0:
@@ -168,6 +186,7 @@ class SPAHead(TextClassifier):
         self.ot_max_iter, self.ot_tol, self.topk = ot_max_iter, ot_tol, topk
         self.pairs_per_call = pairs_per_call
         self.task_projectors = task_projectors
+        self.combine, self.ensemble_weight = combine, ensemble_weight
         self.projectors = nn.ModuleList()
         self._text: Optional[_Shared] = None
         self._banks: "OrderedDict[Tuple[str, ...], DescriptionBank]" = OrderedDict()
@@ -180,7 +199,8 @@ class SPAHead(TextClassifier):
                 "fallback_template": s.FALLBACK_TEMPLATE, "num_patches": s.NUM_PATCHES,
                 "patch_resolution": s.POOLER_RESOLUTION, "epsilon": s.EPSILON, "ot_weight": s.OT_WEIGHT,
                 "ot_method": s.OT_METHOD, "ot_max_iter": s.OT_MAX_ITER, "ot_tol": s.OT_TOL, "topk": s.TOPK,
-                "pairs_per_call": s.PAIRS_PER_CALL, "task_projectors": s.TASK_PROJECTORS}
+                "pairs_per_call": s.PAIRS_PER_CALL, "task_projectors": s.TASK_PROJECTORS,
+                "combine": s.COMBINE, "ensemble_weight": s.ENSEMBLE_WEIGHT}
 
     # -- continual life cycle ------------------------------------------------------------------
     def on_task_start(self, task: Any, model: nn.Module) -> None:
@@ -242,16 +262,16 @@ class SPAHead(TextClassifier):
         return tuple(names)
 
     # -- forward --------------------------------------------------------------------------------
-    def project(self, x: Tensor) -> Tensor:
-        """z = x + sum_t P_t(x)."""
+    def project(self, u: Tensor) -> Tensor:
+        """u + sum_t P_t(u) over the last dimension (frozen CLIP features into the task-adapted space)."""
         if not len(self.projectors):
-            return x
+            return u
         weight = torch.stack([p.weight for p in self.projectors]).sum(0)
         bias = torch.stack([p.bias for p in self.projectors]).sum(0)
-        return x + F.linear(x, weight, bias)
+        return u + F.linear(u, weight, bias)
 
     def roi_patches(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
-        """RoIAlign-pooled dense CLIP patch tokens, L2-normalised: R x (res*res) x D."""
+        """RoIAlign-pooled frozen dense CLIP patch tokens, L2-normalised: R x (res*res) x D."""
         pooled = roi_align(ctx.clip_dense, list(rois), output_size=self.patch_resolution,
                            spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=0, aligned=True)
         return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1)
@@ -267,30 +287,58 @@ class SPAHead(TextClassifier):
     def ot_scores(self, patches: Tensor, bank: DescriptionBank, candidates: Tensor) -> Tensor:
         """s^OT (R x K, 0 outside `candidates`): 1 - <T*, 1 - cos(selected patches, S_c)>, the candidate
         pairs solved together, `pairs_per_call` per POT call (0: as many as keep the gathered
-        tensors near _PAIR_BUDGET elements)."""
+        tensors near _PAIR_BUDGET elements). Differentiable in `patches` (envelope gradient)."""
         R, P, D = patches.shape
         K, L = bank.token_mask.shape
         n = min(self.num_patches, P)
-        scores = patches.new_zeros(R, K)
         flat = patches.reshape(R * P, D)
         r_all, c_all = candidates.nonzero(as_tuple=True)  # sorted by RoI
         chunk = self.pairs_per_call or max(1, _PAIR_BUDGET // ((n + L) * D + K * P * bank.sentences.shape[1]))
+        values, where = [], []
         for s in range(0, len(r_all), chunk):
             r, c = r_all[s:s + chunk], c_all[s:s + chunk]
             r0, r1 = int(r[0]), int(r[-1]) + 1
-            idx = select_patches(patches[r0:r1], bank.sentences, bank.sentence_mask, n)[r - r0, c]  # B x n
+            with torch.no_grad():
+                idx = select_patches(patches[r0:r1], bank.sentences, bank.sentence_mask, n)[r - r0, c]  # B x n
+            order = torch.argsort(c, stable=True)  # grouped by class: each group's tokens are shared
+            r, c, idx = r[order], c[order], idx[order]
             chosen = flat[r[:, None] * P + idx]  # B x n x D
-            cost = 1.0 - torch.bmm(chosen, bank.tokens[c].transpose(1, 2))  # B x n x L
+            classes, counts = torch.unique_consecutive(c, return_counts=True)
+            cost = torch.cat([1.0 - part @ bank.tokens[k].t()  # B_k x n x L
+                              for part, k in zip(chosen.split(counts.tolist()), classes.tolist())])
             _, value = solve_ot_batch(cost, bank.token_mask[c], self.epsilon, self.ot_method, self.ot_max_iter,
                                       self.ot_tol)
-            scores[r, c] = 1.0 - value
-        return scores
+            values.append(1.0 - value)
+            where.append(r * K + c)
+        scores = patches.new_zeros(R * K)
+        if values:
+            scores = scores.index_put((torch.cat(where),), torch.cat(values).to(scores))
+        return scores.view(R, K)
+
+    def spa_logits(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
+        """tau * [cos(P(g), t_c) + lambda * s^OT_c, cos(P(g), t_bg)]: R x (K+1)."""
+        g = clip_region_features(ctx.clip_dense, rois, ctx.clip_stride)
+        cos = self.cosine(self.project(g), ctx)  # R x (K+1)
+        K = ctx.num_classes
+        if self.ot_weight == 0 or K == 0 or cos.shape[0] == 0:
+            return self.scale() * cos
+        patches = F.normalize(self.project(self.roi_patches(ctx, rois)), dim=-1)
+        bank = self.bank(self.class_names(ctx), cos.device)
+        s_ot = self.ot_scores(patches, bank, self.candidates(cos[:, :K]))
+        return self.scale() * (cos + F.pad(self.ot_weight * s_ot, (0, 1)))
+
+    def combine_logits(self, det: Tensor, spa: Tensor) -> Tensor:
+        if self.combine == "sum":
+            return det + spa
+        w = self.ensemble_weight
+        return (1 - w) * det.log_softmax(dim=1) + w * spa.log_softmax(dim=1)
 
     def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:
-        cos = self.cosine(self.project(x), ctx)  # R x (K+1)
-        K = ctx.num_classes
-        if rois is None or self.ot_weight == 0 or K == 0 or cos.shape[0] == 0:
-            return self.scale() * cos
-        bank = self.bank(self.class_names(ctx), cos.device)
-        s_ot = self.ot_scores(self.roi_patches(ctx, rois), bank, self.candidates(cos[:, :K]))
-        return self.scale() * (cos + F.pad(self.ot_weight * s_ot, (0, 1)))
+        det = self.scale() * self.cosine(x, ctx)  # the detector's own logits on z_r
+        if rois is None:
+            return det
+        return self.combine_logits(det, self.spa_logits(ctx, rois))
+
+    def replay_logits(self, feats: Tensor, ctx: HeadContext, embed: Optional[nn.Module]) -> Tensor:
+        """Replayed frozen-CLIP region features through the projectors: tau * cos(P(g), [t, t_bg])."""
+        return self.scale() * self.cosine(self.project(feats), ctx)

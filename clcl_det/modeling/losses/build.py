@@ -54,6 +54,12 @@ class Teacher(Protocol):
     def teacher_roi_logits(self, features: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
         """Its classification logits (R x (K_old + 1), background last) on the given RoIs."""
 
+    def teacher_roi_outputs(self, features: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Dict[str, Tensor]:
+        """Its RoI head's outputs on the given RoIs: logits (R x (K_old + 1)), box deltas, embeddings."""
+
+    def teacher_proposals(self, images: Any, features: Dict[str, Tensor]) -> List[Tensor]:
+        """Its own proposals per image (inference mode: after NMS, by decreasing objectness)."""
+
     def teacher_parameters(self) -> Dict[str, Tensor]:
         """Its trainable backbone parameters by name (what parameter drift compares)."""
 
@@ -69,6 +75,7 @@ class TeacherOutputs:
         self._features: Optional[Dict[str, Tensor]] = None
         self._rpn: Optional[Tuple[List[Tensor], List[Tensor]]] = None
         self._logits: Optional[Tensor] = None
+        self._proposals: Optional[List[Tensor]] = None
 
     def features(self) -> Dict[str, Tensor]:
         """The teacher's FPN levels on the batch."""
@@ -91,6 +98,19 @@ class TeacherOutputs:
                 self._logits = self._teacher.teacher_roi_logits(self.features(), self._inputs.roi["rois"],
                                                                 self._inputs.ctx)
         return self._logits
+
+    def proposals(self) -> List[Tensor]:
+        """The teacher's own proposals per image, by decreasing objectness."""
+        if self._proposals is None:
+            with torch.no_grad():
+                self._proposals = self._teacher.teacher_proposals(self._inputs.images, self.features())
+        return self._proposals
+
+    def roi_outputs(self, rois: List[Tensor]) -> Dict[str, Tensor]:
+        """The teacher's RoI head outputs (logits R x (K_old + 1), deltas, embeddings) on `rois`
+        (e.g. its own proposals), not cached."""
+        with torch.no_grad():
+            return self._teacher.teacher_roi_outputs(self.features(), rois, self._inputs.ctx)
 
     def parameters(self) -> Dict[str, Tensor]:
         """The teacher's trainable backbone parameters (detached)."""

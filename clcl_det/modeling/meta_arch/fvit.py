@@ -123,8 +123,14 @@ class FViT(ContinualModule):
         return self.proposal_generator.head(list(features.values()))
 
     def teacher_roi_logits(self, features: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        return self.teacher_roi_outputs(features, rois, ctx)["logits"]
+
+    def teacher_roi_outputs(self, features: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Dict[str, Tensor]:
         t_ctx = self.make_context(ctx.clip_dense, ctx.image_sizes)
-        return self.roi_heads.predict(self.roi_heads.pool(features, rois, t_ctx.image_sizes), rois, t_ctx)["logits"]
+        return self.roi_heads.predict(self.roi_heads.pool(features, rois, t_ctx.image_sizes), rois, t_ctx)
+
+    def teacher_proposals(self, images: ImageList, features: Dict[str, Tensor]) -> List[Tensor]:
+        return self.proposal_generator(images, features)[0]  # the teacher stays in eval mode: inference proposals
 
     def teacher_parameters(self) -> Dict[str, Tensor]:
         return dict(self.backbone.named_parameters())
