@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 from clcl_det.continual import begin_task, end_task, task_data
 from clcl_det.data.continual import Task
-from clcl_det.data.datasets.shapes import SHAPES_CLASSES
+from clcl_det.embedded.shapes import SHAPES_CLASSES
 from clcl_det.engine.trainer import build_optimizer
 from clcl_det.modeling import build_model
 from clcl_det.modeling.losses.sgakt import SnapshotAggregator, sgakt_kl
