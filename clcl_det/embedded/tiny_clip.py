@@ -162,8 +162,9 @@ def pin_numerics(threads: int = PINNED_THREADS) -> None:
     torch.use_deterministic_algorithms(True)
     cap = torch.backends.cpu.get_cpu_capability()
     if cap != "AVX2" or os.environ.get("MKL_CBWR") != "AVX2,STRICT":
-        logger.warning(f"tiny CLIP build: CPU kernels at {cap} (MKL_CBWR={os.environ.get('MKL_CBWR')}), not AVX2: "
-                       f"the checkpoint will not be bit-identical to the one built on x86-64 AVX2 CPUs")
+        logger.warning(f"tiny CLIP build: CPU kernels at {cap} and MKL_CBWR={os.environ.get('MKL_CBWR')} (pinned: "
+                       f"AVX2 and AVX2,STRICT): the checkpoint will not be bit-identical to the one every "
+                       f"x86-64 CPU with AVX2 builds")
 
 
 def build_pinned(cfg: Any, out_path: str, eval_images: int = 0, threads: int = PINNED_THREADS,
