@@ -382,7 +382,7 @@ def _two_task_training_outputs(cfg):
     orig = model.continual_losses[0].forward
 
     def capture(m, outputs, batched, teacher):
-        captured.update(outputs)
+        captured.update(vars(outputs))  # the typed LossInputs, field by field
         return orig(m, outputs, batched, teacher)
 
     model.continual_losses[0].forward = capture

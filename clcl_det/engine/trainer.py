@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
