@@ -406,7 +406,7 @@ def test_eval_only_writes_a_new_folder_and_keeps_training_results(reference_run,
     assert fresh["per_class"] == json.loads(before[1])["per_class"]
     assert open(os.path.join(out, "summary.json"), "rb").read() == summary_before
     assert sorted(os.listdir(os.path.join(out, "eval_1"))) == ["config.yaml", "summary.json", "summary.png",
-                                                               "summary.txt", "task_1"]
+                                                               "summary.txt", "summary_tasks.png", "task_1"]
     assert runner._new_eval_dir() == os.path.join(out, "eval_2")  # the next evaluation gets its own folder
 
 

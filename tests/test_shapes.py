@@ -156,10 +156,10 @@ def test_concurrent_processes_generate_once(datasets_dir, tmp_path):
 
 
 def test_registration_and_metadata(datasets_dir):
-    assert register_shapes() == {"train": "shapes_train", "test": "shapes_test"}  # idempotent
+    assert register_shapes() == {"train": "shapes_train", "test": "shapes_test", "val": "shapes_val"}  # idempotent
     assert {"shapes_train", "shapes_test"} <= set(DatasetCatalog.list())
     names = register_shapes(SPEC)  # a variant has its own names; the config names stay the default
-    assert names == {"train": "shapes_s3_n12-6_128_train", "test": "shapes_s3_n12-6_128_test"}
+    assert names == {"train": "shapes_s3_n12-6_128_train", "test": "shapes_s3_n12-6_128_test", "val": "shapes_val"}
     assert len(DatasetCatalog.get(names["test"])) == 6
     meta = MetadataCatalog.get(names["test"])
     assert meta.thing_classes == list(SHAPES_CLASSES) and meta.evaluator_type == "pascal_voc"
