@@ -59,7 +59,7 @@ from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("clcl_det.embedded.tiny_clip")  # by name: the build process runs this module as __main__
 
 _SECONDS_PER_STEP_HINT = 0.8  # 2-core CPU, default recipe (estimated from its image passes) (for the "how long" log line only)
 
