@@ -39,6 +39,14 @@ def _v_path(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+
+def _patch_grid(images: Tensor, patch_size: int) -> Tuple[int, int, int]:
+    """Batch size and the (h, w) patch grid of `images`; their sides must be multiples of the patch."""
+    B, _, H, W = images.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"input {H}x{W} is not divisible by the CLIP patch size {patch_size}")
+    return B, H // patch_size, W // patch_size
+
 class CLIPDenseEncoder(nn.Module):
     """Runs an open_clip `VisionTransformer` on images of any size divisible by the patch size.
 
@@ -90,11 +98,7 @@ class CLIPDenseEncoder(nn.Module):
         return self._pos_cache[key]
 
     def forward(self, images: Tensor) -> Tuple[List[Tensor], Tensor]:
-        B, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input {H}x{W} is not divisible by the CLIP patch size {p}")
-        h, w = H // p, W // p
+        B, h, w = _patch_grid(images, self.patch_size)
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # B, hw, width
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(B, -1, -1)
@@ -199,11 +203,7 @@ class EvaDenseEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tuple[List[Tensor], Tensor]:
         from timm.layers import resample_abs_pos_embed
 
-        B, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input {H}x{W} is not divisible by the CLIP patch size {p}")
-        h, w = H // p, W // p
+        B, h, w = _patch_grid(images, self.patch_size)
         t = self.trunk
         pe = t.patch_embed
         x = pe.norm(pe.proj(images.to(pe.proj.weight.dtype)).flatten(2).transpose(1, 2))  # B, hw, width
