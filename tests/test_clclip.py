@@ -151,15 +151,18 @@ def test_mechanism_old_experts_bit_identical_after_next_task(clclip_run):
     after_t1 = load_checkpoint_file(os.path.join(out, "task_1", "model_final.pth"))["model"]
     after_t2 = load_checkpoint_file(os.path.join(out, "task_2", "model_final.pth"))["model"]
     chunk0 = [k for k in after_t1 if k.startswith("roi_heads.experts.chunks.0.")]
-    assert len(chunk0) == 11  # w1, b1, w2, b2, fc_w, fc_b, logit_scale and the group norms g1_w, g1_b, g2_w, g2_b
-    for k in chunk0:
+    bg0 = [k for k in after_t1 if k.startswith("roi_heads.bg_experts.chunks.0.")]  # task 1's background expert
+    assert len(chunk0) == 11 and len(bg0) == 11  # w1, b1, w2, b2, fc_w, fc_b, logit_scale, group norms g1/g2 w/b
+    for k in chunk0 + bg0:
         assert torch.equal(after_t1[k], after_t2[k]), f"{k} changed while training task 2"
     assert not any(k.startswith("roi_heads.experts.chunks.1.") for k in after_t1)
     # the shared branch did train in task 2, and the new chunk exists
     assert not torch.equal(after_t1["roi_heads.embed.weight"], after_t2["roi_heads.embed.weight"])
     assert after_t2["roi_heads.experts.chunks.1.fc_w"].shape[0] == 10
+    assert after_t2["roi_heads.bg_experts.chunks.1.fc_w"].shape[0] == 1
     head = runner.model.roi_heads
-    assert all(not p.requires_grad for c in head.experts.chunks for p in c.parameters())
+    assert all(not p.requires_grad for bank in (head.experts, head.bg_experts) for c in bank.chunks
+               for p in c.parameters())
 
 
 def test_task1_checkpoint_resumes_into_task2_with_grown_vocabulary(clclip_run, tmp_path):
@@ -310,8 +313,9 @@ def test_mechanism_head_prior_unchanged_by_later_tasks(norm):
     after = model.roi_heads.pooled_prior(rois, ctx, 5)
     assert torch.equal(before, after[:, :3])
     if norm == "softmax":  # over task 1's vocabulary: each pixel's 3 classes + background sum to 1
-        full = model.roi_heads.expert_prior(ctx)
+        full, bg = model.roi_heads.expert_prior(ctx)
         assert bool((full[:, :3].sum(1) <= 1 + 1e-5).all()) and float(full[:, :3].sum(1).max()) > 0.5
+        torch.testing.assert_close(full[:, :3].sum(1) + bg[:, 0], torch.ones_like(bg[:, 0]))  # with its background
 
 
 def _head_inputs(model, n_rois=6, seed=0):
@@ -327,40 +331,49 @@ def _head_inputs(model, n_rois=6, seed=0):
     return feats, rois, dense
 
 
-def _old_logits(model, feats, rois, dense, k_old):
+def _old_scores(model, feats, rois, dense, k_old):
+    """Old classes' logits and detector probabilities (before the CLIP ensemble)."""
     head = model.roi_heads
     ctx = model.make_context(dense, [(64, 64)])
     with torch.no_grad():
-        return head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx)["logits"][:, :k_old].clone()
+        out = head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx)
+        return out["logits"][:, :k_old].clone(), head.foreground_probabilities(out, ctx)[:, :k_old].clone()
 
 
-@pytest.mark.parametrize("shared,cost_volume", [(False, True), (True, True), (False, False)])
-def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume):
+@pytest.mark.parametrize("shared,cost_volume,background", [(False, True, "task"), (False, False, "task"),
+                                                           (False, True, "shared"), (True, True, "shared")])
+def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume, background):
     """Experts alone: with the same FPN features, old classes' logits after a later task (new
     experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
-    (also with the uniform prior of the no-cost-volume ablation). With SHARED_CLASS_LOGITS the
-    trainable shared branch moves them."""
+    (also with the uniform prior of the no-cost-volume ablation); with per-task background experts
+    so are their probabilities. With the shared background the trainable shared branch moves the
+    probabilities, and with SHARED_CLASS_LOGITS the logits too."""
     torch.manual_seed(0)
     cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS": shared, "INPUT.IMAGE_SIZE": 64,
                         "MODEL.CLCLIP.COST_VOLUME.ENABLED": cost_volume, "MODEL.CLCLIP.MULTI_EXPERT.NORM": "GN",
-                        "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3, "MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 1.0})
+                        "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3, "MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 1.0,
+                        "MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND": background})
     model = build_model(cfg).eval()
     t1, t2 = Task(0, 0, 4, NAMES[:4], NAMES[:8]), Task(1, 4, 8, NAMES[:8], NAMES[:8])
     begin_task(model, t1)
     feats, rois, dense = _head_inputs(model)
-    before = _old_logits(model, feats, rois, dense, 4)
+    before, p_before = _old_scores(model, feats, rois, dense, 4)
     end_task(model, t1)
     begin_task(model, t2)
     with torch.no_grad():  # "training task 2": everything still trainable moves
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    after = _old_logits(model, feats, rois, dense, 4)
-    assert torch.isfinite(before).all()
+    after, p_after = _old_scores(model, feats, rois, dense, 4)
+    assert torch.isfinite(before).all() and (p_before > 0).all()
     if shared:
         assert not torch.allclose(before, after)
     else:
         assert torch.equal(before, after)
+    if background == "task":
+        assert torch.equal(p_before, p_after)
+    else:
+        assert not torch.allclose(p_before, p_after)
 
 
 def _two_task_training_outputs(cfg):
@@ -392,6 +405,21 @@ def _two_task_training_outputs(cfg):
               "classes": torch.tensor([3, 4]), "seed": i} for i in range(2)]
     losses = model(batch)
     return model, teacher, losses, captured
+
+
+def test_mechanism_task_background_trains_only_the_current_task():
+    """In task 2 the classification loss trains task 2's background expert and its class experts;
+    task 1's background and class experts get no gradient (they are frozen and out of the graph's
+    trainable set), so their scores cannot move."""
+    cfg = clclip_cfg(**{"INPUT.IMAGE_SIZE": 64, "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3})
+    model, _, losses, _ = _two_task_training_outputs(cfg)
+    head = model.roi_heads
+    losses["loss_cls"].backward()
+    new_bg, old_bg = head.bg_experts.chunks[1], head.bg_experts.chunks[0]
+    assert new_bg.fc_w.grad is not None and float(new_bg.fc_w.grad.abs().sum()) > 0
+    assert float(head.experts.chunks[1].w1.grad.abs().sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in list(old_bg.parameters())
+               + list(head.experts.chunks[0].parameters()))
 
 
 def test_mechanism_orthogonality_and_drift_gradients():

@@ -12,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["spa_10+10", "replay_10+10", "sevpr_10+10", "seca_10+10", "secapp_10+10", "distill_10+10",
            "clclip_spa_10+10", "clclip_replay_10+10", "clclip_sevpr_10+10", "clclip_seca_10+10",
            "clclip_secapp_10+10", "finetune_unbiased_10+10"] + [
-    f"clclip_10+10_{a}" for a in ("no_cost_volume", "no_freeze", "no_drift", "no_orth", "no_bg_ignore")] + [
-    "clclip_plus_10+10"] + [f"clclip_plus_10+10_{a}" for a in ("no_shared_logits", "no_unbiased_bg", "no_distill")]
+    f"clclip_10+10_{a}" for a in ("no_cost_volume", "no_freeze", "no_drift", "no_orth")] + [
+    "clclip_plus_10+10"] + [f"clclip_plus_10+10_{a}" for a in ("no_shared_logits", "no_unbiased_bg", "no_distill", "no_bg_ignore")]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -11,7 +11,7 @@ def add_clclip_config(_C: CN) -> None:
     """CL-CLIP's keys, all under MODEL.CLCLIP: the multi-expert RoI head (MultiExpertRoIHeads), its
     cost-volume prior, and the FPNDrift, Orthogonality and UnbiasedDistill losses."""
     _C.MODEL.CLCLIP = CN()  # CL-CLIP (MultiExpertRoIHeads + its continual losses): every key of the method
-    _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # drop background RoIs whose old-class prior exceeds this (>1 = off)
+    _C.MODEL.CLCLIP.BG_IGNORE_THRESH = 0.5  # MULTI_EXPERT.BACKGROUND shared: drop background RoIs whose old-class prior exceeds this (>1 = off)
     _C.MODEL.CLCLIP.ORTH_WEIGHT = 0.1  # weight of the orthogonality loss
     _C.MODEL.CLCLIP.DRIFT = CN()
     _C.MODEL.CLCLIP.DRIFT.MODE = "feature"  # feature (pyramid outputs vs teacher) | param (||theta - theta_prev||^2)
@@ -30,6 +30,7 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
     _C.MODEL.CLCLIP.MULTI_EXPERT.NORM = "GN"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none
     _C.MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE = 7  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND = "task"  # task: a background expert per task, frozen with it, closes its task's softmax | shared: the shared branch's logit closes one softmax
     _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
     _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 1.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
 

@@ -184,9 +184,13 @@ class FViTRoIHeads(ContinualModule):
         return self.inference(out, proposals, ctx), out
 
     # ------------------------------------------------------------------------------------------
+    def foreground_probabilities(self, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
+        """R x K: the detector's softmax over [classes, background], background dropped."""
+        return out["logits"].softmax(dim=-1)[:, : ctx.num_classes]
+
     def class_probabilities(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
         """R x K foreground probabilities, with the F-ViT ensemble p_det^(1-a) * p_clip^a."""
-        probs = out["logits"].softmax(dim=-1)[:, : ctx.num_classes]
+        probs = self.foreground_probabilities(out, ctx)
         if self.ensemble and self.ensemble_alpha > 0:
             clip_emb = pooled_clip_embeddings(ctx.clip_dense, rois, ctx.clip_stride)
             p_clip = (self.ensemble_temperature * clip_emb @ ctx.class_embeddings.t()).softmax(dim=-1)

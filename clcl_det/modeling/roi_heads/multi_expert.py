@@ -1,6 +1,7 @@
 """CL-CLIP's Multi-Expert RoI head: the cost-volume prior decouples each RoI feature into one
 pathway per class; each class has its own convolutional expert, created when the class first
-appears and frozen after its task. Background and boxes come from the shared F-ViT branch."""
+appears and frozen after its task. Boxes come from the shared F-ViT branch; the background logit
+from a per-task background expert frozen with its task (or, as an option, from the shared branch)."""
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ from .fvit_roi_heads import FViTRoIHeads
 __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 
 GATINGS = ("residual", "multiply", "concat")
+BACKGROUNDS = ("task", "shared")
 _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway inputs (cache-sized; 128 MB chunks were ~1.6x slower)
 
 
@@ -146,16 +148,20 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     """F-ViT RoI head + cost-volume category decoupling + per-class experts (docs/methods.md, CL-CLIP).
 
     Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
-    f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]); the background logit, box
-    regression and any vocabulary class without an expert (zero-shot evaluation) come from the
-    shared branch."""
+    f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]). With `background` "task" each
+    task also has a background expert b_t (pathway gated by its task's background prior, logit
+    tau cos(z, t_bg)), frozen with the task's class experts, and a class's probability is the softmax
+    over its own task's logits and b_t: an old class's score depends on frozen experts, the FPN and
+    the frozen prior only. With "shared" the shared branch's background logit closes one softmax over
+    all classes. Box regression and vocabulary classes without an expert (zero-shot evaluation) come
+    from the shared branch."""
 
     @configurable
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
                  prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
-                 shared_class_loss_weight: float = 0.0, **kwargs: Any):
+                 shared_class_loss_weight: float = 0.0, background: str = "task", **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
@@ -163,8 +169,13 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
         if expert_norm not in ("none", "GN"):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
-        self.experts = ExpertBank(kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim,
-                                  self.embed.out_features, expert_temperature, pool_size, expert_norm == "GN")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND '{background}' is not one of {BACKGROUNDS}")
+        bank = (kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim, self.embed.out_features,
+                expert_temperature, pool_size, expert_norm == "GN")
+        self.experts = ExpertBank(*bank)
+        self.background = background
+        self.bg_experts = ExpertBank(*bank) if background == "task" else None  # one per task
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
@@ -180,47 +191,74 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
-                  pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT)
+                  pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT,
+                  background=me.BACKGROUND)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
     def on_task_start(self, task: Any, model: nn.Module) -> None:
-        """Create the experts of the task's new classes."""
+        """Create the experts of the task's new classes (and the task's background expert)."""
         new = task.num_seen - self.experts.num_experts
         if new > 0:
             self.experts.add(new)
+            if self.bg_experts is not None:
+                self.bg_experts.add(1)
 
     def on_task_end(self, task: Any, model: nn.Module) -> None:
         """Freeze every expert learned so far (out of the next task's optimizer)."""
         if self.freeze:
             self.experts.chunks.requires_grad_(False)
+            if self.bg_experts is not None:
+                self.bg_experts.chunks.requires_grad_(False)
 
     # -- forward ----------------------------------------------------------------------------------
-    def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int) -> Tensor:
-        """The prior of the first `num` classes RoIAligned like the features: R x num x P x P."""
+    def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int, background: bool = False) -> Tensor:
+        """The prior of the first `num` classes RoIAligned like the features: R x num x P x P
+        (`background`: the first `num` tasks' background columns instead)."""
         R, P = sum(len(r) for r in rois), self.resolution
         if not self.use_cost_volume:  # uniform over each task's classes and background
-            level = torch.cat([ctx.clip_dense.new_full((c.n,), 1.0 / (c.n + 1)) for c in self.experts.chunks])[:num]
+            level = torch.cat([ctx.clip_dense.new_full((1 if background else c.n,), 1.0 / (c.n + 1))
+                               for c in self.experts.chunks])[:num]
             return level[None, :, None, None].expand(R, num, P, P)
-        if "prior" not in ctx.extras:  # once per batch: B x K_experts x h x w
-            ctx.extras["prior"] = self.expert_prior(ctx)
-        prior = ctx.extras["prior"][:, :num]
+        if "prior" not in ctx.extras:  # once per batch: B x K_experts x h x w and B x T x h x w
+            ctx.extras["prior"], ctx.extras["bg_prior"] = self.expert_prior(ctx)
+        prior = ctx.extras["bg_prior" if background else "prior"][:, :num]
         return roi_align(prior, list(rois), P, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2, aligned=True)
 
-    def expert_prior(self, ctx: HeadContext) -> Tensor:
-        """The prior of every class that has an expert, B x K x h x w, computed task by task
-        (one expert chunk at a time): a class's map depends on its own task's vocabulary and the
-        background only (per class for NORM sigmoid, over its task's classes for softmax), so
-        classes added later cannot change it, not even in the last bit."""
-        parts, start = [], 0
+    def expert_prior(self, ctx: HeadContext) -> Tuple[Tensor, Tensor]:
+        """The prior of every class that has an expert, B x K x h x w, and each task's background
+        column, B x T x h x w, computed task by task (one expert chunk at a time): a class's map
+        depends on its own task's vocabulary and the background only (per class for NORM sigmoid,
+        over its task's classes for softmax), so classes added later cannot change it, not even in
+        the last bit."""
+        parts, bg, start = [], [], 0
         for chunk in self.experts.chunks:
             stop = min(start + chunk.n, ctx.num_classes)
             if stop <= start:
                 break
-            parts.append(category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
-                                        self.prior_temperature, self.prior_norm)[:, :-1])
+            p = category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
+                               self.prior_temperature, self.prior_norm)
+            parts.append(p[:, :-1])
+            bg.append(p[:, -1:])
             start = stop
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), torch.cat(bg, dim=1)
+
+    def task_ranges(self, num: int) -> List[Tuple[int, int]]:
+        """[start, stop) of each expert chunk's classes among the first `num`."""
+        ranges, start = [], 0
+        for chunk in self.experts.chunks:
+            if start >= num:
+                break
+            ranges.append((start, min(start + chunk.n, num)))
+            start += chunk.n
+        return ranges
+
+    def background_logits(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext, num_tasks: int) -> Tensor:
+        """Each task's background expert on the pathway gated by its task's background prior: R x T."""
+        m = self.pooled_prior(rois, ctx, num_tasks, background=True)
+        h, _ = self.bg_experts.features(self.pathways(pooled, m))
+        z, scale = self.bg_experts.embed(h)
+        return scale * (F.normalize(z, dim=-1) @ ctx.background_embedding)
 
     def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
         """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
@@ -266,7 +304,11 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if self.shared_class_logits:
             s = s + shared[:, :K]
         out["shared_logits"] = shared
-        out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
+        if self.bg_experts is not None:  # the latest task's background closes the training softmax
+            out["task_bg_logits"] = self.background_logits(pooled, rois, ctx, len(self.task_ranges(K)))
+            out["logits"] = torch.cat([s, shared[:, K:-1], out["task_bg_logits"][:, -1:]], dim=1)
+        else:
+            out["logits"] = torch.cat([s, shared[:, K:]], dim=1)
         out["expert_maps"] = F.normalize(act, dim=-1)
         out["prior_mean"] = prior_mean
         return out
@@ -281,6 +323,19 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             loss = self.cls_head.losses(out["shared_logits"], out["labels"], out["embeddings"], ctx)["loss_cls"]
             result["loss_cls_shared"] = self.shared_class_loss_weight * loss
         return result, out
+
+    def foreground_probabilities(self, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
+        """R x K: with per-task backgrounds, a class's probability is the softmax over its own
+        task's logits and that task's background; classes without an expert take the shared
+        branch's softmax (zero-shot)."""
+        if "task_bg_logits" not in out:
+            return super().foreground_probabilities(out, ctx)
+        K = ctx.num_classes
+        probs = out["shared_logits"].softmax(dim=-1)[:, :K].clone()
+        bg = out["task_bg_logits"]
+        for t, (a, b) in enumerate(self.task_ranges(K)):
+            probs[:, a:b] = torch.cat([out["logits"][:, a:b], bg[:, t:t + 1]], dim=1).softmax(dim=-1)[:, :-1]
+        return probs
 
     def pathways(self, f: Tensor, m: Tensor) -> Tensor:
         """Class pathways of RoI features f (R x C x P x P) under the prior m (R x S x P x P):
@@ -297,7 +352,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         is left out of the classification loss (it is likely an unlabelled old object)."""
         task = ctx.task
         if task is None or task.start == 0 or self.bg_ignore_thresh > 1 or "prior_mean" not in out \
-                or not self.use_cost_volume:
+                or not self.use_cost_volume or self.bg_experts is not None:
             return labels
         old = out["prior_mean"][:, : task.start].amax(dim=1)
         ignore = (labels == ctx.num_classes) & (old > self.bg_ignore_thresh)
