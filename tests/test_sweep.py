@@ -52,3 +52,27 @@ def test_sweep_runs_seeds_resumes_and_tabulates(shapes_root, tmp_path, capsys):
     started = [line for line in (runs[1] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(started) == 2 and "--resume" not in started[0] and "--resume" in started[1]
     assert (runs[1] / "summary.json").is_file()
+
+
+def _summary(run_dir, stages, names=("a", "b", "c")):
+    os.makedirs(run_dir)
+    summary = {"num_tasks": len(stages), "class_names": list(names), "per_class": {}, "task_matrix": {},
+               "stages": [dict(task=i, **st) for i, st in enumerate(stages)]}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return str(run_dir)
+
+
+def test_base_curves_mean_and_spread_over_seeds(tmp_path):
+    """The per-stage base-class curve: mAP@A after task 1 (only base classes then), mAP@B after; mean
+    and sample std over the label's seeds; written as one PNG."""
+    a0 = _summary(tmp_path / "a0", [{"mAP@A": 60.0}, {"mAP@A": 50.0, "mAP@B": 40.0}, {"mAP@A": 45.0, "mAP@B": 30.0}])
+    a1 = _summary(tmp_path / "a1", [{"mAP@A": 70.0}, {"mAP@A": 55.0, "mAP@B": 50.0}, {"mAP@A": 50.0, "mAP@B": 20.0}])
+    curves = sweep.base_curves([("a", [a0, a1])], "1+1+1")
+    assert len(curves) == 1
+    label, mean, std, n = curves[0]
+    assert (label, n) == ("a", 2) and mean == [65.0, 45.0, 25.0]
+    assert std == [statistics.stdev([60.0, 70.0]), statistics.stdev([40.0, 50.0]), statistics.stdev([30.0, 20.0])]
+    png = tmp_path / "base.png"
+    assert sweep.write_base_plot([("a", [a0, a1])], "1+1+1", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -183,8 +183,52 @@ def _header(k: str) -> str:
     names = {"B": "mAP@B", "N": "mAP@N", "A": "mAP@A"}
     if "[" in k:
         base, i = k[:-1].split("[")
-        return f"{'mAP@A' if base == 'stages' else names.get(base, base)} after task {i}"
+        if base == "tasks":
+            return f"task {i} mAP at the end"
+        return f"{ {'stages': 'mAP@A', 'base_stages': 'mAP@B'}.get(base, base)} after task {i}"
     return names.get(k, k)
+
+
+def base_curves(groups: List[Tuple[str, List[str]]], split: str) -> List[Tuple[str, List[float], List[float], int]]:
+    """Per label with at least two stages: (label, mean, sample std, seeds) of the first task's
+    classes' mAP (mAP@B; mAP@A after task 1) after every stage, over its runs."""
+    curves = []
+    for label, dirs in groups:
+        per = [zoo_table.row(d, split)["base_stages"] for d in dirs]
+        per = [p for p in per if len(p) > 1]
+        if per:
+            n = min(len(p) for p in per)
+            stages = [[p[i] for p in per] for i in range(n)]
+            curves.append((label, [statistics.mean(v) for v in stages],
+                           [statistics.stdev(v) if len(v) > 1 else 0.0 for v in stages], len(per)))
+    return curves
+
+
+def write_base_plot(groups: List[Tuple[str, List[str]]], split: str, png_path: str) -> bool:
+    """`base_curves` as one PNG, the spread as error bars. False if no run has two stages."""
+    curves = base_curves(groups, split)
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clcl_det.utils.checkpoint import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, mean, std, n in curves:
+        ax.errorbar(range(1, len(mean) + 1), mean, yerr=std, marker="o", capsize=3, label=f"{label} ({n} seeds)")
+    ax.set_xlabel("after task")
+    ax.set_ylabel("mAP of the first task's classes (AP50)")
+    ax.set_title(f"Base classes through the stages ({split})")
+    ax.set_xticks(range(1, max(len(c[1]) for c in curves) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
 
 
 def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, csv_path: str,
@@ -245,6 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         text = write_tables(groups, split, os.path.join(args.out, "table.md"), os.path.join(args.out, "table.csv"),
                             cmdline)
         print(text, end="")
+        if write_base_plot(groups, split, os.path.join(args.out, "base_map.png")):
+            print(f"[sweep] base classes per stage: {os.path.join(args.out, 'base_map.png')}")
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed: " + ", ".join(f"{r.label} seed {r.seed}" for r in failed),
               file=sys.stderr)

@@ -34,13 +34,16 @@ def row(run_dir: str, split: str) -> Dict[str, Any]:
     if s["num_tasks"] > 1 and last["task"] == s["num_tasks"] - 1:  # a continual run, complete
         tm = s.get("task_matrix", {})
         return {"run": label, "B": last.get("mAP@B"), "N": last.get("mAP@N"), "A": last.get("mAP@A"),
-                "stages": [st.get("mAP@A") for st in s["stages"]], "num_tasks": s["num_tasks"],
+                "stages": [st.get("mAP@A") for st in s["stages"]],
+                "base_stages": [st.get("mAP@B", st.get("mAP@A")) if i else st.get("mAP@A")
+                                for i, st in enumerate(s["stages"])], "num_tasks": s["num_tasks"],
                 "mean_A": s.get("mean_mAP@A"), "tasks": [row[-1] for row in tm.get("mAP", [])]}
     first = parse_task_string(split)[0]
     final = {n: v[-1] for n, v in s["per_class"].items()}
     zero = {n: v[-1] for n, v in s.get("zero_shot", {}).items()}
     vals = [final.get(n) if final.get(n) is not None else zero.get(n) for n in names]
     return {"run": label, "B": _mean(vals[:first]), "N": _mean(vals[first:]), "A": _mean(vals), "stages": [],
+            "base_stages": [],
             "num_tasks": s["num_tasks"], "mean_A": None, "tasks": []}
 
 
