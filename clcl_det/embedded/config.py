@@ -12,13 +12,13 @@ def add_embedded_config(cfg: CN) -> None:
     """Declare `MODEL.CLIP.TINY`: the recipe that pretrains the shapes-tiny CLIP on Shapes."""
     _C = cfg
     _C.MODEL.CLIP.TINY = CN()  # recipe that pretrains the shapes-tiny CLIP on Shapes image-caption pairs
-    _C.MODEL.CLIP.TINY.ITERS = 300  # optimisation steps
-    _C.MODEL.CLIP.TINY.BATCH_SIZE = 32  # images per step
-    _C.MODEL.CLIP.TINY.LR = 1e-3  # AdamW learning rate (cosine decay, warm-up)
+    _C.MODEL.CLIP.TINY.ITERS = 180  # optimisation steps
+    _C.MODEL.CLIP.TINY.BATCH_SIZE = 24  # images per step
+    _C.MODEL.CLIP.TINY.LR = 1.5e-3  # AdamW learning rate (cosine decay, warm-up)
     _C.MODEL.CLIP.TINY.DENSE_WEIGHT = 1.0  # weight of the patch-to-text dense alignment term
     _C.MODEL.CLIP.TINY.SEED = 0  # seed of the recipe (part of the cache key)
-    _C.MODEL.CLIP.TINY.CROP_BATCH_SIZE = 24  # object crops per step for the crop-caption contrastive term (0 = off)
-    _C.MODEL.CLIP.TINY.WARMUP_ITERS = 30  # linear learning-rate warm-up steps
+    _C.MODEL.CLIP.TINY.CROP_BATCH_SIZE = 12  # object crops per step for the crop-caption contrastive term (0 = off)
+    _C.MODEL.CLIP.TINY.WARMUP_ITERS = 20  # linear learning-rate warm-up steps
     _C.MODEL.CLIP.TINY.WEIGHT_DECAY = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
     _C.MODEL.CLIP.TINY.OBJECT_WEIGHT = 3.0  # weight of a patch cell fully covered by an object vs a background cell
     _C.MODEL.CLIP.TINY.MAX_ZOOM = 1.5  # full images are randomly zoomed in by 1..MAX_ZOOM (and flipped)
@@ -29,6 +29,6 @@ def add_embedded_config(cfg: CN) -> None:
     _C.MODEL.CLIP.TINY.MIMETIC_INIT = True  # mimetic initialisation of the ViT's attention (faster learning from scratch)
     _C.MODEL.CLIP.TINY.REGION_WEIGHT = 1.0  # weight of the region term: a class's mean cell response must pick the class
     _C.MODEL.CLIP.TINY.DENSE_WINDOW = 0  # side (px) of the native-scale windows the dense term trains on (0 = whole images)
-    _C.MODEL.CLIP.TINY.TEXT_WARMUP_ITERS = 100  # text-only steps first: captions of different classes pulled apart
+    _C.MODEL.CLIP.TINY.TEXT_WARMUP_ITERS = 50  # text-only steps first: captions of different classes pulled apart
     _C.MODEL.CLIP.TINY.TEXT_WEIGHT = 1.0  # weight of that text-only term during the joint steps
     _C.MODEL.CLIP.TINY.EVAL_PERIOD = 0  # steps between quality measurements in tools/pretrain_tiny_clip.py (0 = end only)
