@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from ...config import configurable
+from ..backbone.clip_vit import get_norm
 from ..context import HeadContext
 from ..cost_volume import PRIOR_NORMS, category_prior
 from .build import ROI_HEADS_REGISTRY
@@ -161,7 +162,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
                  prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
-                 shared_class_loss_weight: float = 0.0, background: str = "task", **kwargs: Any):
+                 shared_class_loss_weight: float = 0.0, background: str = "task", trunk_convs: int = 0,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
@@ -171,7 +173,11 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
         if background not in BACKGROUNDS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND '{background}' is not one of {BACKGROUNDS}")
-        bank = (kwargs["in_channels"] + (1 if gating == "concat" else 0), expert_dim, self.embed.out_features,
+        c = kwargs["in_channels"]
+        # the experts' shared trunk: trained in the first task with them, frozen at its end
+        self.trunk = nn.Sequential(*[m for _ in range(trunk_convs) for m in (
+            nn.Conv2d(c, c, 3, padding=1, bias=False), get_norm("GN", c), nn.ReLU(inplace=True))]) if trunk_convs else None
+        bank = (c + (1 if gating == "concat" else 0), expert_dim, self.embed.out_features,
                 expert_temperature, pool_size, expert_norm == "GN")
         self.experts = ExpertBank(*bank)
         self.background = background
@@ -192,7 +198,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
                   pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT,
-                  background=me.BACKGROUND)
+                  background=me.BACKGROUND, trunk_convs=me.TRUNK_CONVS)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
@@ -208,6 +214,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         """Freeze every expert learned so far (out of the next task's optimizer)."""
         if self.freeze:
             self.experts.chunks.requires_grad_(False)
+            if self.trunk is not None:
+                self.trunk.requires_grad_(False)
             if self.bg_experts is not None:
                 self.bg_experts.chunks.requires_grad_(False)
 
@@ -285,6 +293,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
         text = ctx.class_embeddings[:K]
+        if self.trunk is not None:
+            pooled = self.trunk(pooled)
         # at inference, RoIs go through the expert convs in chunks that bound the pathway tensor's size;
         # the experts' fc then runs once over all RoIs
         per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
