@@ -165,7 +165,7 @@ def aggregate(groups: List[Tuple[str, List[str]]], split: str) -> Tuple[List[str
         out: Dict[str, Any] = {"run": label, "seeds": len(per), "values": {}}
         for x in per:
             for k, v in x.items():
-                if k == "run":
+                if k in ("run", "num_tasks"):  # not metrics
                     continue
                 if isinstance(v, (list, tuple)):
                     for i, s in enumerate(v):
@@ -180,7 +180,7 @@ def aggregate(groups: List[Tuple[str, List[str]]], split: str) -> Tuple[List[str
 
 
 def _header(k: str) -> str:
-    names = {"B": "mAP@B", "N": "mAP@N", "A": "mAP@A"}
+    names = {"B": "mAP@B", "N": "mAP@N", "A": "mAP@A", "mean_A": "mean mAP@A over stages"}
     if "[" in k:
         base, i = k[:-1].split("[")
         if base == "tasks":
@@ -257,7 +257,8 @@ def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmdline = "python tools/sweep.py " + shlex.join(argv)
+    # the command that makes the table (--table-only rewrites the same table from the finished runs)
+    cmdline = "python tools/sweep.py " + shlex.join(a for a in argv if a != "--table-only")
     opts: List[str] = []
     if "--" in argv:
         i = argv.index("--")
