@@ -180,7 +180,6 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         bank = (c + (1 if gating == "concat" else 0), expert_dim, self.embed.out_features,
                 expert_temperature, pool_size, expert_norm == "GN")
         self.experts = ExpertBank(*bank)
-        self.background = background
         self.bg_experts = ExpertBank(*bank) if background == "task" else None  # one per task
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
@@ -239,16 +238,12 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         depends on its own task's vocabulary and the background only (per class for NORM sigmoid,
         over its task's classes for softmax), so classes added later cannot change it, not even in
         the last bit."""
-        parts, bg, start = [], [], 0
-        for chunk in self.experts.chunks:
-            stop = min(start + chunk.n, ctx.num_classes)
-            if stop <= start:
-                break
+        parts, bg = [], []
+        for start, stop in self.task_ranges(ctx.num_classes):
             p = category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
                                self.prior_temperature, self.prior_norm)
             parts.append(p[:, :-1])
             bg.append(p[:, -1:])
-            start = stop
         return torch.cat(parts, dim=1), torch.cat(bg, dim=1)
 
     def task_ranges(self, num: int) -> List[Tuple[int, int]]:
