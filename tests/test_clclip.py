@@ -153,13 +153,15 @@ def test_mechanism_old_experts_bit_identical_after_next_task(clclip_run):
     chunk0 = [k for k in after_t1 if k.startswith("roi_heads.experts.chunks.0.")]
     bg0 = [k for k in after_t1 if k.startswith("roi_heads.bg_experts.chunks.0.")]  # task 1's background expert
     assert len(chunk0) == 11 and len(bg0) == 11  # w1, b1, w2, b2, fc_w, fc_b, logit_scale, group norms g1/g2 w/b
-    trunk = [k for k in after_t1 if k.startswith("roi_heads.trunk.")]  # the experts' shared trunk, frozen after task 1
-    assert len(trunk) == 12  # 4 x (conv weight, GN weight, GN bias)
+    # the experts' trunk, the shared branch's box-head convs, frozen after task 1
+    trunk = [k for k in after_t1 if k.startswith("roi_heads.box_head.convs.")]
+    assert len(trunk) == 3  # the test config's one conv: conv weight, GN weight, GN bias
     for k in chunk0 + bg0 + trunk:
         assert torch.equal(after_t1[k], after_t2[k]), f"{k} changed while training task 2"
     assert not any(k.startswith("roi_heads.experts.chunks.1.") for k in after_t1)
     # the shared branch did train in task 2, and the new chunk exists
     assert not torch.equal(after_t1["roi_heads.embed.weight"], after_t2["roi_heads.embed.weight"])
+    assert not torch.equal(after_t1["roi_heads.box_head.fcs.0.weight"], after_t2["roi_heads.box_head.fcs.0.weight"])
     assert after_t2["roi_heads.experts.chunks.1.fc_w"].shape[0] == 10
     assert after_t2["roi_heads.bg_experts.chunks.1.fc_w"].shape[0] == 1
     head = runner.model.roi_heads
@@ -342,22 +344,22 @@ def _old_scores(model, feats, rois, dense, k_old):
         return out["logits"][:, :k_old].clone(), head.foreground_probabilities(out, ctx)[:, :k_old].clone()
 
 
-@pytest.mark.parametrize("shared,cost_volume,background,trunk", [
-    (False, True, "task", 0), (False, True, "task", 2), (False, False, "task", 0), (False, True, "shared", 0),
-    (True, True, "shared", 0)])
-def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume, background, trunk):
+@pytest.mark.parametrize("shared,cost_volume,background,trunk,trunk_convs", [
+    (False, True, "task", "own", 0), (False, True, "task", "own", 2), (False, True, "task", "box_head", 0),
+    (False, False, "task", "box_head", 0), (False, True, "shared", "own", 0), (True, True, "shared", "box_head", 0)])
+def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume, background, trunk, trunk_convs):
     """Experts alone: with the same FPN features, old classes' logits after a later task (new
     experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
     (also with the uniform prior of the no-cost-volume ablation); with per-task background experts
     so are their probabilities. With the shared background the trainable shared branch moves the
-    probabilities, and with SHARED_CLASS_LOGITS the logits too. The experts' shared trunk is frozen
-    with the first task's experts."""
+    probabilities, and with SHARED_CLASS_LOGITS the logits too. The experts' trunk (their own convs
+    or the shared branch's box-head convs) is frozen with the first task's experts."""
     torch.manual_seed(0)
     cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS": shared, "INPUT.IMAGE_SIZE": 64,
                         "MODEL.CLCLIP.COST_VOLUME.ENABLED": cost_volume, "MODEL.CLCLIP.MULTI_EXPERT.NORM": "GN",
                         "MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE": 3, "MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT": 1.0,
                         "MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND": background,
-                        "MODEL.CLCLIP.MULTI_EXPERT.TRUNK_CONVS": trunk})
+                        "MODEL.CLCLIP.MULTI_EXPERT.TRUNK": trunk, "MODEL.CLCLIP.MULTI_EXPERT.TRUNK_CONVS": trunk_convs})
     model = build_model(cfg).eval()
     t1, t2 = Task(0, 0, 4, NAMES[:4], NAMES[:8]), Task(1, 4, 8, NAMES[:8], NAMES[:8])
     begin_task(model, t1)

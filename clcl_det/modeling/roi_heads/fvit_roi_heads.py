@@ -34,6 +34,7 @@ class BoxHead(nn.Module):
                        nn.ReLU(inplace=True)]
             c = conv_dim
         self.convs = nn.Sequential(*layers)
+        self.conv_out_channels = c
         fcs: List[nn.Module] = []
         d = c * resolution * resolution
         for _ in range(num_fc):
@@ -143,7 +144,12 @@ class FViTRoIHeads(ContinualModule):
                 labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Class logits R x (K+1) (background last), box deltas R x 4, embeddings R x D.
         `labels` (training) are the sampled RoIs' labels, for heads that need them."""
-        h = self.box_head(pooled)
+        return self.shared_outputs(self.box_head.convs(pooled), rois, ctx)
+
+    def shared_outputs(self, conv_features: Tensor, rois: List[Tensor], ctx: HeadContext) -> Dict[str, Tensor]:
+        """`predict` from the output of the box head's convs (R x C x P x P): the fcs, the
+        embedding, the class logits and the box deltas."""
+        h = self.box_head.fcs(conv_features.flatten(1))
         x = self.embed(h)
         return {"logits": self.cls_head(x, ctx, rois), "deltas": self.bbox_pred(h), "embeddings": x}
 

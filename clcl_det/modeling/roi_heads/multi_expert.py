@@ -23,6 +23,7 @@ __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 
 GATINGS = ("residual", "multiply", "concat")
 BACKGROUNDS = ("task", "shared")
+TRUNKS = ("box_head", "own")
 _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway inputs (cache-sized; 128 MB chunks were ~1.6x slower)
 
 
@@ -84,15 +85,9 @@ class ExpertBank(nn.Module):
             h = F.adaptive_avg_pool2d(h, G)
         return h.reshape(R, S, E * G * G)
 
-    def _norm(self, h: Tensor, groups: int, layer: int, sel: Optional[Tensor]) -> Tensor:
-        """Group norm of each expert's E channels (one group per pathway), if enabled; `sel` picks
-        the affine parameters (a slice or a gather index), None = the first groups*E."""
-        if not self.norm:
-            return h
-        w, b = self._cat(f"g{layer}_w"), self._cat(f"g{layer}_b")
-        w, b = (w[: h.shape[1]], b[: h.shape[1]]) if sel is None else (w.view(-1, self.expert_dim)[sel].reshape(-1),
-                                                                      b.view(-1, self.expert_dim)[sel].reshape(-1))
-        return F.group_norm(h, groups, w, b)
+    def _norm(self, h: Tensor, groups: int, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+        """Group norm of each expert's E channels (one group per pathway), if enabled."""
+        return F.group_norm(h, groups, w, b) if self.norm else h
 
     def forward(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """x: R x S x C x P x P, the pathway inputs for classes `idx` (R x S; None = the first S
@@ -103,36 +98,56 @@ class ExpertBank(nn.Module):
         return z, act, scale
 
     def features(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """The convolutional part: pooled features R x S x E*G*G and activation maps R x S x P*P."""
+        """The convolutional part: pooled features R x S x E*G*G and activation maps R x S x P*P.
+        With `idx` None, one grouped conv per chunk: a task's features are computed the same way
+        (same kernels, same shapes) whatever chunks come after it, so they do not move by a bit."""
         R, S, C, P, _ = x.shape
         E, K = self.expert_dim, self.num_experts
-        w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
-        if idx is None:  # one grouped conv over the first S classes (all, unless the vocabulary is cut)
+        if idx is None:
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
-            n = S * E
-            h = F.relu(self._norm(F.conv2d(x.reshape(R, S * C, P, P), w1[:n], b1[:n], padding=1, groups=S), S, 1, None))
-            act = h.view(R, S, E, P * P).mean(dim=2)
-            h = self._pool(F.relu(self._norm(F.conv2d(h, w2[:n], b2[:n], padding=1, groups=S), S, 2, None)), R, S)
-            return h, act
+            hs, acts, start = [], [], 0
+            for c in self.chunks:
+                s = min(c.n, S - start)
+                if s <= 0:
+                    break
+                n = s * E
+                g = [(getattr(c, f"g{i}_w")[:n], getattr(c, f"g{i}_b")[:n]) if self.norm else (None, None) for i in (1, 2)]
+                xi = x[:, start:start + s].reshape(R, s * C, P, P)
+                h = F.relu(self._norm(F.conv2d(xi, c.w1[:n], c.b1[:n], padding=1, groups=s), s, *g[0]))
+                acts.append(h.view(R, s, E, P * P).mean(dim=2))
+                hs.append(self._pool(F.relu(self._norm(F.conv2d(h, c.w2[:n], c.b2[:n], padding=1, groups=s), s, *g[1])), R, s))
+                start += s
+            return torch.cat(hs, dim=1), torch.cat(acts, dim=1)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
+        w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
         flat = idx.reshape(-1)
         w1s = w1.view(K, E, C, 3, 3)[flat].reshape(R * S * E, C, 3, 3)
         w2s = w2.view(K, E, E, 3, 3)[flat].reshape(R * S * E, E, 3, 3)
+        g = [(self._cat(f"g{i}_w").view(K, E)[flat].reshape(-1), self._cat(f"g{i}_b").view(K, E)[flat].reshape(-1))
+             if self.norm else (None, None) for i in (1, 2)]
         h = F.conv2d(x.reshape(1, R * S * C, P, P), w1s, b1.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
-        h = F.relu(self._norm(h, R * S, 1, flat))
+        h = F.relu(self._norm(h, R * S, *g[0]))
         act = h.view(R, S, E, P * P).mean(dim=2)
         h = F.conv2d(h, w2s, b2.view(K, E)[flat].reshape(-1), padding=1, groups=R * S)
-        h = F.relu(self._norm(h, R * S, 2, flat))
+        h = F.relu(self._norm(h, R * S, *g[1]))
         return self._pool(h.view(R, S * E, P, P), R, S), act
 
     def embed(self, h: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The fc of each pathway's expert: embeddings R x S x D and logit scales R x S. Run once over
         all RoIs (every expert's fc weights are read once)."""
         R, S, _ = h.shape
+        if idx is None:  # chunk by chunk, like `features`
+            zs, start = [], 0
+            for c in self.chunks:
+                s = min(c.n, S - start)
+                if s <= 0:
+                    break
+                zs.append(torch.einsum("rsf,sfd->rsd", h[:, start:start + s], c.fc_w[:s]) + c.fc_b[:s])
+                start += s
+            scale = self._cat("logit_scale")[:S].exp().clamp(max=100.0)
+            return torch.cat(zs, dim=1), scale.expand(R, S)
         fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
-        if idx is None:
-            return torch.einsum("rsf,sfd->rsd", h, fc_w[:S]) + fc_b[:S], scale[:S].expand(R, S)
         if self.pool_size == 1:  # small fc weights: gather them per pair
             return torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx], scale[idx]
         # E*G*G x D per pair is too much to gather: one matmul per selected class
@@ -162,8 +177,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
                  prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
-                 shared_class_loss_weight: float = 0.0, background: str = "task", trunk_convs: int = 0,
-                 **kwargs: Any):
+                 shared_class_loss_weight: float = 0.0, background: str = "task", trunk: str = "own",
+                 trunk_convs: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
@@ -173,10 +188,17 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
         if background not in BACKGROUNDS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND '{background}' is not one of {BACKGROUNDS}")
+        if trunk not in TRUNKS:
+            raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.TRUNK '{trunk}' is not one of {TRUNKS}")
         c = kwargs["in_channels"]
-        # the experts' shared trunk: trained in the first task with them, frozen at its end
+        # the experts' trunk, trained in the first task with them and frozen at its end: the shared
+        # branch's own box-head convs ("box_head", no extra compute), or a conv stack of their own
+        self.trunk_source = trunk
+        if trunk == "box_head":
+            c = self.box_head.conv_out_channels
         self.trunk = nn.Sequential(*[m for _ in range(trunk_convs) for m in (
-            nn.Conv2d(c, c, 3, padding=1, bias=False), get_norm("GN", c), nn.ReLU(inplace=True))]) if trunk_convs else None
+            nn.Conv2d(c, c, 3, padding=1, bias=False), get_norm("GN", c), nn.ReLU(inplace=True))]) \
+            if trunk == "own" and trunk_convs else None
         bank = (c + (1 if gating == "concat" else 0), expert_dim, self.embed.out_features,
                 expert_temperature, pool_size, expert_norm == "GN")
         self.experts = ExpertBank(*bank)
@@ -197,7 +219,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
                   pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT,
-                  background=me.BACKGROUND, trunk_convs=me.TRUNK_CONVS)
+                  background=me.BACKGROUND, trunk=me.TRUNK, trunk_convs=me.TRUNK_CONVS)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
@@ -215,6 +237,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             self.experts.chunks.requires_grad_(False)
             if self.trunk is not None:
                 self.trunk.requires_grad_(False)
+            if self.trunk_source == "box_head":  # the shared branch keeps training its fcs and box regression
+                self.box_head.convs.requires_grad_(False)
             if self.bg_experts is not None:
                 self.bg_experts.chunks.requires_grad_(False)
 
@@ -261,7 +285,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         m = self.pooled_prior(rois, ctx, num_tasks, background=True)
         h, _ = self.bg_experts.features(self.pathways(pooled, m))
         z, scale = self.bg_experts.embed(h)
-        return scale * (F.normalize(z, dim=-1) @ ctx.background_embedding)
+        return scale * (F.normalize(z, dim=-1) * ctx.background_embedding).sum(-1)
 
     def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
         """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
@@ -277,7 +301,13 @@ class MultiExpertRoIHeads(FViTRoIHeads):
 
     def predict(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext,
                 labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
-        out = super().predict(pooled, rois, ctx, labels)
+        if self.trunk_source == "box_head":  # one conv stack feeds the shared branch and the experts
+            pooled = self.box_head.convs(pooled)
+            out = self.shared_outputs(pooled, rois, ctx)
+        else:
+            out = super().predict(pooled, rois, ctx, labels)
+            if self.trunk is not None:
+                pooled = self.trunk(pooled)
         shared = out["logits"]  # R x (K_vocab + 1)
         K = min(self.experts.num_experts, ctx.num_classes)
         if K == 0:
@@ -288,8 +318,6 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
         text = ctx.class_embeddings[:K]
-        if self.trunk is not None:
-            pooled = self.trunk(pooled)
         # at inference, RoIs go through the expert convs in chunks that bound the pathway tensor's size;
         # the experts' fc then runs once over all RoIs
         per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
