@@ -336,12 +336,14 @@ def _head_inputs(model, n_rois=6, seed=0):
 
 
 def _old_scores(model, feats, rois, dense, k_old):
-    """Old classes' logits and detector probabilities (before the CLIP ensemble)."""
+    """Old classes' logits and their final scores (the detector's probabilities in the ensemble
+    with CLIP, as inference ranks detections)."""
     head = model.roi_heads
+    assert head.ensemble and head.ensemble_alpha > 0
     ctx = model.make_context(dense, [(64, 64)])
     with torch.no_grad():
         out = head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx)
-        return out["logits"][:, :k_old].clone(), head.foreground_probabilities(out, ctx)[:, :k_old].clone()
+        return out["logits"][:, :k_old].clone(), head.class_probabilities(out, rois, ctx)[:, :k_old].clone()
 
 
 @pytest.mark.parametrize("shared,cost_volume,background,trunk,trunk_convs", [
@@ -351,7 +353,7 @@ def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume, back
     """Experts alone: with the same FPN features, old classes' logits after a later task (new
     experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
     (also with the uniform prior of the no-cost-volume ablation); with per-task background experts
-    so are their probabilities. With the shared background the trainable shared branch moves the
+    so are their final scores (the CLIP ensemble's softmax runs per task too). With the shared background the trainable shared branch moves the
     probabilities, and with SHARED_CLASS_LOGITS the logits too. The experts' trunk (their own convs
     or the shared branch's box-head convs) is frozen with the first task's experts."""
     torch.manual_seed(0)

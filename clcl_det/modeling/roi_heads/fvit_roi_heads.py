@@ -194,15 +194,23 @@ class FViTRoIHeads(ContinualModule):
         """R x K: the detector's softmax over [classes, background], background dropped."""
         return out["logits"].softmax(dim=-1)[:, : ctx.num_classes]
 
+    def clip_probabilities(self, clip_emb: Tensor, ctx: HeadContext, start: int = 0, stop: Optional[int] = None) -> Tensor:
+        """R x K: the CLIP side of the ensemble, a softmax of the RoIs' scaled cosines (`clip_emb`,
+        R x D) with the class texts `start:stop` (default: the vocabulary)."""
+        return (self.ensemble_temperature * clip_emb @ ctx.class_embeddings[start:stop].t()).softmax(dim=-1)
+
     def class_probabilities(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
         """R x K foreground probabilities, with the F-ViT ensemble p_det^(1-a) * p_clip^a."""
         probs = self.foreground_probabilities(out, ctx)
         if self.ensemble and self.ensemble_alpha > 0:
             clip_emb = pooled_clip_embeddings(ctx.clip_dense, rois, ctx.clip_stride)
-            p_clip = (self.ensemble_temperature * clip_emb @ ctx.class_embeddings.t()).softmax(dim=-1)
-            a = self.ensemble_alpha
-            probs = probs.clamp_min(1e-12) ** (1 - a) * p_clip.clamp_min(1e-12) ** a
+            probs = self.ensemble_scores(probs, self.clip_probabilities(clip_emb, ctx))
         return probs
+
+    def ensemble_scores(self, p_det: Tensor, p_clip: Tensor) -> Tensor:
+        """The geometric ensemble p_det^(1-a) * p_clip^a (a = MODEL.ENSEMBLE.ALPHA)."""
+        a = self.ensemble_alpha
+        return p_det.clamp_min(1e-12) ** (1 - a) * p_clip.clamp_min(1e-12) ** a
 
     def inference(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> List[Dict[str, Tensor]]:
         probs = self.class_probabilities(out, rois, ctx)

@@ -17,7 +17,7 @@ from ..backbone.clip_vit import get_norm
 from ..context import HeadContext
 from ..cost_volume import PRIOR_NORMS, category_prior
 from .build import ROI_HEADS_REGISTRY
-from .fvit_roi_heads import FViTRoIHeads
+from .fvit_roi_heads import FViTRoIHeads, pooled_clip_embeddings
 
 __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 
@@ -369,6 +369,22 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         for t, (a, b) in enumerate(self.task_ranges(K)):
             probs[:, a:b] = torch.cat([out["logits"][:, a:b], bg[:, t:t + 1]], dim=1).softmax(dim=-1)[:, :-1]
         return probs
+
+    def class_probabilities(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        """With per-task backgrounds the ensemble runs group by group: each task's classes (and the
+        classes without an expert, as one group) get a CLIP softmax of their own, and each group's
+        scores are computed on tensors of their own, so a later task cannot change an old class's
+        final score, not by a bit."""
+        if self.bg_experts is None or not (self.ensemble and self.ensemble_alpha > 0):
+            return super().class_probabilities(out, rois, ctx)
+        K = ctx.num_classes
+        p_det = self.foreground_probabilities(out, ctx)
+        clip_emb = pooled_clip_embeddings(ctx.clip_dense, rois, ctx.clip_stride)
+        groups = self.task_ranges(K)
+        if not groups or groups[-1][1] < K:
+            groups.append((groups[-1][1] if groups else 0, K))
+        return torch.cat([self.ensemble_scores(p_det[:, a:b].contiguous(), self.clip_probabilities(clip_emb, ctx, a, b))
+                          for a, b in groups], dim=1)
 
     def pathways(self, f: Tensor, m: Tensor) -> Tensor:
         """Class pathways of RoI features f (R x C x P x P) under the prior m (R x S x P x P):
