@@ -353,9 +353,10 @@ def test_mechanism_old_logits_invariant_to_later_tasks(shared, cost_volume, back
     """Experts alone: with the same FPN features, old classes' logits after a later task (new
     experts, a grown vocabulary, every trainable parameter changed) are those of before, bit for bit
     (also with the uniform prior of the no-cost-volume ablation); with per-task background experts
-    so are their final scores (the CLIP ensemble's softmax runs per task too). With the shared background the trainable shared branch moves the
-    probabilities, and with SHARED_CLASS_LOGITS the logits too. The experts' trunk (their own convs
-    or the shared branch's box-head convs) is frozen with the first task's experts."""
+    so are their final scores (the CLIP ensemble's softmax runs per task too). With the shared
+    background the trainable shared branch moves the probabilities, and with SHARED_CLASS_LOGITS the
+    logits too. The experts' trunk (their own convs or the shared branch's box-head convs) is frozen
+    with the first task's experts."""
     torch.manual_seed(0)
     cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS": shared, "INPUT.IMAGE_SIZE": 64,
                         "MODEL.CLCLIP.COST_VOLUME.ENABLED": cost_volume, "MODEL.CLCLIP.MULTI_EXPERT.NORM": "GN",

@@ -73,6 +73,16 @@ class ExpertBank(nn.Module):
         self.chunks.append(chunk.to(device) if device is not None else chunk)
         return chunk
 
+    def chunk_ranges(self, num: int) -> List[Tuple[ExpertChunk, int, int]]:
+        """Each chunk holding some of the first `num` classes, with their [start, stop)."""
+        out, start = [], 0
+        for chunk in self.chunks:
+            if start >= num:
+                break
+            out.append((chunk, start, min(start + chunk.n, num)))
+            start += chunk.n
+        return out
+
     def _cat(self, name: str) -> Tensor:
         return torch.cat([getattr(c, name) for c in self.chunks], dim=0)
 
@@ -106,18 +116,15 @@ class ExpertBank(nn.Module):
         if idx is None:
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
-            hs, acts, start = [], [], 0
-            for c in self.chunks:
-                s = min(c.n, S - start)
-                if s <= 0:
-                    break
-                n = s * E
+            hs, acts = [], []
+            for c, a, b in self.chunk_ranges(S):
+                s, n = b - a, (b - a) * E
                 g = [(getattr(c, f"g{i}_w")[:n], getattr(c, f"g{i}_b")[:n]) if self.norm else (None, None) for i in (1, 2)]
-                xi = x[:, start:start + s].reshape(R, s * C, P, P)
-                h = F.relu(self._norm(F.conv2d(xi, c.w1[:n], c.b1[:n], padding=1, groups=s), s, *g[0]))
+                h = F.conv2d(x[:, a:b].reshape(R, s * C, P, P), c.w1[:n], c.b1[:n], padding=1, groups=s)
+                h = F.relu(self._norm(h, s, *g[0]))
                 acts.append(h.view(R, s, E, P * P).mean(dim=2))
-                hs.append(self._pool(F.relu(self._norm(F.conv2d(h, c.w2[:n], c.b2[:n], padding=1, groups=s), s, *g[1])), R, s))
-                start += s
+                h = F.relu(self._norm(F.conv2d(h, c.w2[:n], c.b2[:n], padding=1, groups=s), s, *g[1]))
+                hs.append(self._pool(h, R, s))
             return torch.cat(hs, dim=1), torch.cat(acts, dim=1)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
@@ -138,13 +145,8 @@ class ExpertBank(nn.Module):
         all RoIs (every expert's fc weights are read once)."""
         R, S, _ = h.shape
         if idx is None:  # chunk by chunk, like `features`
-            zs, start = [], 0
-            for c in self.chunks:
-                s = min(c.n, S - start)
-                if s <= 0:
-                    break
-                zs.append(torch.einsum("rsf,sfd->rsd", h[:, start:start + s], c.fc_w[:s]) + c.fc_b[:s])
-                start += s
+            zs = [torch.einsum("rsf,sfd->rsd", h[:, a:b], c.fc_w[:b - a]) + c.fc_b[:b - a]
+                  for c, a, b in self.chunk_ranges(S)]
             scale = self._cat("logit_scale")[:S].exp().clamp(max=100.0)
             return torch.cat(zs, dim=1), scale.expand(R, S)
         fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
@@ -272,13 +274,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
 
     def task_ranges(self, num: int) -> List[Tuple[int, int]]:
         """[start, stop) of each expert chunk's classes among the first `num`."""
-        ranges, start = [], 0
-        for chunk in self.experts.chunks:
-            if start >= num:
-                break
-            ranges.append((start, min(start + chunk.n, num)))
-            start += chunk.n
-        return ranges
+        return [(a, b) for _, a, b in self.experts.chunk_ranges(num)]
 
     def background_logits(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext, num_tasks: int) -> Tensor:
         """Each task's background expert on the pathway gated by its task's background prior: R x T."""
@@ -381,8 +377,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         p_det = self.foreground_probabilities(out, ctx)
         clip_emb = pooled_clip_embeddings(ctx.clip_dense, rois, ctx.clip_stride)
         groups = self.task_ranges(K)
-        if not groups or groups[-1][1] < K:
-            groups.append((groups[-1][1] if groups else 0, K))
+        end = groups[-1][1] if groups else 0
+        if end < K:  # the classes without an expert
+            groups.append((end, K))
         return torch.cat([self.ensemble_scores(p_det[:, a:b].contiguous(), self.clip_probabilities(clip_emb, ctx, a, b))
                           for a, b in groups], dim=1)
 
