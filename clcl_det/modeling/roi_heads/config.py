@@ -32,6 +32,7 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.MULTI_EXPERT.POOL_SIZE = 7  # each expert average-pools its map to G x G and flattens it into its fc (1 = global mean)
     _C.MODEL.CLCLIP.MULTI_EXPERT.TRUNK = "box_head"  # what the experts read, trained in the first task and frozen at its end: box_head (the shared branch's box-head convs, no extra compute) | own (TRUNK_CONVS convs of their own)
     _C.MODEL.CLCLIP.MULTI_EXPERT.TRUNK_CONVS = 4  # TRUNK own: conv3x3-GN-ReLU layers at the FPN width (0 = the RoI feature itself)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.BOX_REG = "shared"  # shared: every class's box from the shared branch's regressor, which keeps training | task: a task's classes keep the regressor (box-head fcs + bbox_pred) as it was at their task's end, frozen with their experts (needs TRUNK box_head)
     _C.MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND = "task"  # task: a background expert per task, frozen with it, closes its task's softmax | shared: the shared branch's logit closes one softmax
     _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
     _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 1.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)

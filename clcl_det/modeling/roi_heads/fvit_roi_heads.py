@@ -212,9 +212,14 @@ class FViTRoIHeads(ContinualModule):
         a = self.ensemble_alpha
         return p_det.clamp_min(1e-12) ** (1 - a) * p_clip.clamp_min(1e-12) ** a
 
+    def class_boxes(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        """The decoded boxes of the RoIs: R x 4, one box per RoI for every class (class-agnostic
+        regression)."""
+        return self.box_coder.decode_single(out["deltas"], torch.cat(rois)) if rois else out["deltas"]
+
     def inference(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> List[Dict[str, Tensor]]:
         probs = self.class_probabilities(out, rois, ctx)
-        boxes = self.box_coder.decode_single(out["deltas"], torch.cat(rois)) if rois else out["deltas"]
+        boxes = self.class_boxes(out, rois, ctx)  # R x 4, or R x K x 4 (a box per class)
         results = []
         for p, b, size in zip(probs.split([len(r) for r in rois]), boxes.split([len(r) for r in rois]), ctx.image_sizes):
             b = clip_boxes_to_image(b, size)
@@ -224,7 +229,7 @@ class FViTRoIHeads(ContinualModule):
             if keep.numel() > self.topk_candidates:
                 keep = keep[scores[keep].topk(self.topk_candidates).indices]
             roi_idx, cls_idx = keep // K, keep % K
-            bx, sc = b[roi_idx], scores[keep]
+            bx, sc = (b[roi_idx] if b.dim() == 2 else b[roi_idx, cls_idx]), scores[keep]
             valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
             bx, sc, cls_idx = bx[valid], sc[valid], cls_idx[valid]
             kept = batched_nms(bx, sc, cls_idx, self.nms_thresh)[: self.detections_per_image]

@@ -1,9 +1,11 @@
 """CL-CLIP's Multi-Expert RoI head: the cost-volume prior decouples each RoI feature into one
 pathway per class; each class has its own convolutional expert, created when the class first
-appears and frozen after its task. Boxes come from the shared F-ViT branch; the background logit
-from a per-task background expert frozen with its task (or, as an option, from the shared branch)."""
+appears and frozen after its task. Boxes come from the shared F-ViT branch (or, as an option, from
+each task's copy of its regressor, frozen with the task); the background logit from a per-task
+background expert frozen with its task (or, as an option, from the shared branch)."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +26,7 @@ __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 GATINGS = ("residual", "multiply", "concat")
 BACKGROUNDS = ("task", "shared")
 TRUNKS = ("box_head", "own")
+BOX_REGS = ("shared", "task")
 _MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway inputs (cache-sized; 128 MB chunks were ~1.6x slower)
 
 
@@ -171,8 +174,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     tau cos(z, t_bg)), frozen with the task's class experts, and a class's probability is the softmax
     over its own task's logits and b_t: an old class's score depends on frozen experts, the FPN and
     the frozen prior only. With "shared" the shared branch's background logit closes one softmax over
-    all classes. Box regression and vocabulary classes without an expert (zero-shot evaluation) come
-    from the shared branch."""
+    all classes. Box regression (with `box_reg` "shared") and vocabulary classes without an expert
+    (zero-shot evaluation) come from the shared branch; with "task" a finished task's classes take
+    their boxes from its copy of the shared regressor, frozen at the task's end."""
 
     @configurable
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
@@ -180,7 +184,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                  prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 1, expert_norm: str = "none",
                  shared_class_loss_weight: float = 0.0, background: str = "task", trunk: str = "own",
-                 trunk_convs: int = 0, **kwargs: Any):
+                 trunk_convs: int = 0, box_reg: str = "shared", **kwargs: Any):
         super().__init__(**kwargs)
         if gating not in GATINGS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {GATINGS}")
@@ -192,6 +196,11 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND '{background}' is not one of {BACKGROUNDS}")
         if trunk not in TRUNKS:
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.TRUNK '{trunk}' is not one of {TRUNKS}")
+        if box_reg not in BOX_REGS:
+            raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.BOX_REG '{box_reg}' is not one of {BOX_REGS}")
+        if box_reg == "task" and trunk != "box_head":
+            raise ValueError("MODEL.CLCLIP.MULTI_EXPERT.BOX_REG 'task' needs TRUNK 'box_head' (a task's regressor "
+                             f"reads the frozen box-head convs), not '{trunk}'")
         c = kwargs["in_channels"]
         # the experts' trunk, trained in the first task with them and frozen at its end: the shared
         # branch's own box-head convs ("box_head", no extra compute), or a conv stack of their own
@@ -209,6 +218,11 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
         self.shared_class_loss_weight = shared_class_loss_weight
+        # BOX_REG task: per task, a copy of the shared regressor (box-head fcs + bbox_pred), created at
+        # the task's start and filled and frozen at its end; the first `_box_regs_done` are filled
+        self.box_reg = box_reg
+        self.task_box_regs = nn.ModuleList()
+        self._box_regs_done = 0
         self.resolution = self.pooler.output_size[0] if isinstance(self.pooler.output_size, (tuple, list)) \
             else self.pooler.output_size
 
@@ -221,17 +235,24 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
                   pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT,
-                  background=me.BACKGROUND, trunk=me.TRUNK, trunk_convs=me.TRUNK_CONVS)
+                  background=me.BACKGROUND, trunk=me.TRUNK, trunk_convs=me.TRUNK_CONVS, box_reg=me.BOX_REG)
         return kw
 
     # -- continual life cycle --------------------------------------------------------------------
     def on_task_start(self, task: Any, model: nn.Module) -> None:
-        """Create the experts of the task's new classes (and the task's background expert)."""
+        """Create the experts of the task's new classes (and the task's background expert, and the
+        slot of its box regressor)."""
         new = task.num_seen - self.experts.num_experts
         if new > 0:
             self.experts.add(new)
             if self.bg_experts is not None:
                 self.bg_experts.add(1)
+            if self.box_reg == "task":  # filled at the task's end: the checkpoints of every stage hold it
+                self.task_box_regs.append(self._shared_regressor_copy())
+
+    def _shared_regressor_copy(self) -> nn.Module:
+        reg = nn.Sequential(copy.deepcopy(self.box_head.fcs), copy.deepcopy(self.bbox_pred))
+        return reg.requires_grad_(False)
 
     def on_task_end(self, task: Any, model: nn.Module) -> None:
         """Freeze every expert learned so far (out of the next task's optimizer)."""
@@ -243,6 +264,10 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                 self.box_head.convs.requires_grad_(False)
             if self.bg_experts is not None:
                 self.bg_experts.chunks.requires_grad_(False)
+            if self.box_reg == "task" and len(self.task_box_regs):  # the task's boxes as they are now
+                last = self.task_box_regs[-1]
+                last.load_state_dict(self._shared_regressor_copy().state_dict())
+                self._box_regs_done = len(self.task_box_regs)
 
     # -- forward ----------------------------------------------------------------------------------
     def pooled_prior(self, rois: List[Tensor], ctx: HeadContext, num: int, background: bool = False) -> Tensor:
@@ -300,6 +325,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if self.trunk_source == "box_head":  # one conv stack feeds the shared branch and the experts
             pooled = self.box_head.convs(pooled)
             out = self.shared_outputs(pooled, rois, ctx)
+            if self._box_regs_done and not self.training:  # finished tasks' frozen regressors: R x T x 4
+                flat = pooled.flatten(1)
+                out["task_deltas"] = torch.stack([r(flat) for r in self.task_box_regs[:self._box_regs_done]], dim=1)
         else:
             out = super().predict(pooled, rois, ctx, labels)
             if self.trunk is not None:
@@ -365,6 +393,18 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         for t, (a, b) in enumerate(self.task_ranges(K)):
             probs[:, a:b] = torch.cat([out["logits"][:, a:b], bg[:, t:t + 1]], dim=1).softmax(dim=-1)[:, :-1]
         return probs
+
+    def class_boxes(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        """With BOX_REG task, R x K x 4: a finished task's classes take their task's frozen
+        regressor, the others (the current task, classes without an expert) the shared one."""
+        if "task_deltas" not in out or not rois:
+            return super().class_boxes(out, rois, ctx)
+        K = ctx.num_classes
+        deltas = out["deltas"][:, None].expand(-1, K, -1).clone()
+        for t, (a, b) in enumerate(self.task_ranges(K)[: out["task_deltas"].shape[1]]):
+            deltas[:, a:b] = out["task_deltas"][:, t:t + 1]
+        props = torch.cat(rois)[:, None].expand(-1, K, -1)
+        return self.box_coder.decode_single(deltas.reshape(-1, 4), props.reshape(-1, 4)).view(-1, K, 4)
 
     def class_probabilities(self, out: Dict[str, Tensor], rois: List[Tensor], ctx: HeadContext) -> Tensor:
         """With per-task backgrounds the ensemble runs group by group: each task's classes (and the
