@@ -539,7 +539,7 @@ def test_mechanism_old_boxes_frozen_with_their_task(box_reg):
     assert not any(p.requires_grad for p in head.task_box_regs.parameters())
 
 
-def test_box_reg_task_runs_resumes_and_evaluates(shapes_root, tmp_path):
+def test_box_reg_task_runs_and_evaluates(shapes_root, tmp_path):
     """BOX_REG task through the runner: two tasks, then --eval-only on the same output reproduces
     every stage's mAP (the checkpoints hold each task's regressor, in every loading path)."""
     out = str(tmp_path / "run")
