@@ -551,3 +551,34 @@ def test_box_reg_task_runs_and_evaluates(shapes_root, tmp_path):
     assert {k.split(".")[2] for k in state if k.startswith("roi_heads.task_box_regs.")} == {"0", "1"}
     evaluated = ContinualRunner(cfg).evaluate()
     assert [s["mAP@A"] for s in summary["stages"]] == [s["mAP@A"] for s in evaluated["stages"]]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_mechanism_rpn_frozen_after_first_task(freeze):
+    """MODEL.RPN.FREEZE_AFTER_FIRST_TASK: in the second task the RPN returns no loss, takes no
+    gradient and keeps its bytes through an optimizer step, while the FPN still trains; without it
+    (the hollow case) the RPN's loss reaches its parameters."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"INPUT.IMAGE_SIZE": 64, "MODEL.RPN.FREEZE_AFTER_FIRST_TASK": freeze}))
+    t1, t2 = Task(0, 0, 3, NAMES[:3], NAMES[:6]), Task(1, 3, 6, NAMES[:6], NAMES[:6])
+    begin_task(model, t1)
+    end_task(model, t1)
+    begin_task(model, t2)
+    model.train()
+    rpn = model.proposal_generator
+    before = {k: v.clone() for k, v in rpn.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
+              "boxes": torch.tensor([[4.0, 5.0, 40.0, 35.0]]), "classes": torch.tensor([4]), "seed": i} for i in range(2)]
+    losses = model(batch)
+    sum(losses.values()).backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.fpn.parameters())
+    if freeze:
+        assert "loss_rpn_cls" not in losses and "loss_rpn_loc" not in losses
+        assert all(p.grad is None and not p.requires_grad for p in rpn.parameters())
+        assert all(torch.equal(before[k], v) for k, v in rpn.state_dict().items())
+    else:
+        assert losses["loss_rpn_cls"] > 0
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rpn.parameters())

@@ -96,6 +96,7 @@ _C.MODEL.RPN.PRE_NMS_TOPK_TEST = 300  # proposals kept per level before NMS, tes
 _C.MODEL.RPN.POST_NMS_TOPK_TEST = 150  # proposals kept per image after NMS, testing (1000 at 640 px)
 _C.MODEL.RPN.NMS_THRESH = 0.7  # NMS IoU between proposals
 _C.MODEL.RPN.LOSS_WEIGHT = 1.0  # weight of objectness + box regression losses
+_C.MODEL.RPN.FREEZE_AFTER_FIRST_TASK = False  # freeze the RPN at the first task's end: later tasks keep its proposals and add no RPN loss (through frozen layers it would only teach the FPN to call unlabelled old objects background)
 
 _C.MODEL.ROI_HEADS = CN()
 _C.MODEL.ROI_HEADS.NAME = "FViTRoIHeads"  # ROI_HEADS_REGISTRY entry (MultiExpertRoIHeads for CL-CLIP)

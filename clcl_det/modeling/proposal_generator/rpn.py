@@ -1,5 +1,6 @@
 """RPN on torchvision's anchor generator, head, matcher and box coder, with per-image seeded
-sampling and the raw head outputs exposed (for RPN distillation)."""
+sampling and the raw head outputs exposed (for RPN distillation); optionally frozen after the
+first task."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -11,6 +12,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
+from ..continual_module import ContinualModule
 from ..sampling import subsample_batch
 from .build import PROPOSAL_GENERATOR_REGISTRY
 
@@ -18,9 +20,10 @@ __all__ = ["RPN"]
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
-class RPN(RegionProposalNetwork):
+class RPN(RegionProposalNetwork, ContinualModule):
     """forward(images, features, targets, seeds) -> (proposals per image, losses, raw) where raw
-    holds the per-level objectness and deltas of the head."""
+    holds the per-level objectness and deltas of the head. With `MODEL.RPN.FREEZE_AFTER_FIRST_TASK`
+    it is frozen at the first task's end and returns no losses from then on."""
 
     loss_names = ("loss_rpn_cls", "loss_rpn_loc")  # checked against the other modules' (losses/build.py)
 
@@ -45,6 +48,14 @@ class RPN(RegionProposalNetwork):
             nms_thresh=r.NMS_THRESH,
         )
         self.loss_weight = r.LOSS_WEIGHT
+        self.freeze_after_first_task = r.FREEZE_AFTER_FIRST_TASK
+        self.frozen = False  # set by on_task_end (every loading path replays the task ends)
+
+    def on_task_end(self, task: Any, model: Any) -> None:
+        """Freeze at the end of the first task (and keep frozen), if configured."""
+        if self.freeze_after_first_task:
+            self.requires_grad_(False)
+            self.frozen = True
 
     def forward(self, images: ImageList, features: Dict[str, Tensor],
                 targets: Optional[List[Dict[str, Tensor]]] = None,
@@ -58,7 +69,7 @@ class RPN(RegionProposalNetwork):
         proposals = self.box_coder.decode(deltas_flat.detach(), anchors).view(len(anchors), -1, 4)
         boxes, _ = self.filter_proposals(proposals, obj_flat, images.image_sizes, num_per_level)
         losses: Dict[str, Tensor] = {}
-        if self.training:
+        if self.training and not self.frozen:
             labels, matched = self.assign_targets_to_anchors(anchors, targets)
             reg_targets = self.box_coder.encode(matched, anchors)
             pos, neg = subsample_batch(labels, self.fg_bg_sampler.batch_size_per_image,
