@@ -265,8 +265,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             if self.bg_experts is not None:
                 self.bg_experts.chunks.requires_grad_(False)
             if self.box_reg == "task" and len(self.task_box_regs):  # the task's boxes as they are now
-                last = self.task_box_regs[-1]
-                last.load_state_dict(self._shared_regressor_copy().state_dict())
+                fcs, pred = self.task_box_regs[-1]
+                fcs.load_state_dict(self.box_head.fcs.state_dict())
+                pred.load_state_dict(self.bbox_pred.state_dict())
                 self._box_regs_done = len(self.task_box_regs)
 
     # -- forward ----------------------------------------------------------------------------------
