@@ -94,3 +94,17 @@ def test_config_path_as_users_write_it():
 def test_every_shipped_config_parses(path):
     cfg = setup_cfg(path)
     assert cfg.CONTINUAL.TASKS
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_clclip_configs_freeze_boxes_and_rpn_baselines_do_not(path):
+    """CL-CLIP's configs keep each finished task's box regressor and freeze the RPN after the first
+    task (the no_freeze ablations excepted); every other config trains both as before."""
+    cfg = setup_cfg(path)
+    if cfg.MODEL.ROI_HEADS.NAME != "MultiExpertRoIHeads":
+        assert not cfg.MODEL.RPN.FREEZE_AFTER_FIRST_TASK
+        return
+    frozen = cfg.MODEL.CLCLIP.MULTI_EXPERT.FREEZE
+    assert frozen != path.endswith("_no_freeze.yaml")
+    assert cfg.MODEL.RPN.FREEZE_AFTER_FIRST_TASK == frozen
+    assert cfg.MODEL.CLCLIP.MULTI_EXPERT.BOX_REG == "task"
