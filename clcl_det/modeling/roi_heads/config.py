@@ -39,5 +39,5 @@ def add_clclip_config(_C: CN) -> None:
 
     _C.MODEL.CLCLIP.UNBIASED_DISTILL = CN()  # UnbiasedDistill (the distillation CL-CLIP uses): RPN + KL on [old, background], new classes counted as background
     _C.MODEL.CLCLIP.UNBIASED_DISTILL.RPN_WEIGHT = 1.0  # weight of RPN objectness/delta distillation (0 = off)
-    _C.MODEL.CLCLIP.UNBIASED_DISTILL.ROI_WEIGHT = 0.5  # weight of the unbiased RoI logit KL (Shapes: 1.0 and 0.25 in MODEL_ZOO.md)
+    _C.MODEL.CLCLIP.UNBIASED_DISTILL.ROI_WEIGHT = 0.5  # weight of the unbiased RoI logit KL
     _C.MODEL.CLCLIP.UNBIASED_DISTILL.TEMPERATURE = 1.0  # softmax temperature T of the KL (scaled by T^2)
