@@ -9,6 +9,7 @@ from clcl_det.config import ConfigError, config_adders, get_cfg, resolve_config_
 from clcl_det.engine import default_argument_parser, setup_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 
 def test_every_default_key_has_a_comment():
@@ -90,13 +91,13 @@ def test_config_path_as_users_write_it():
     assert args.config_file == "x.yaml" and args.resume and args.num_gpus == 2
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS)
 def test_every_shipped_config_parses(path):
     cfg = setup_cfg(path)
     assert cfg.CONTINUAL.TASKS
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS)
 def test_clclip_configs_freeze_boxes_and_rpn_baselines_do_not(path):
     """CL-CLIP's configs keep each finished task's box regressor and freeze the RPN after the first
     task (the no_freeze ablations excepted); every other config trains both as before."""

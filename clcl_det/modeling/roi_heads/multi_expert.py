@@ -247,7 +247,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             self.experts.add(new)
             if self.bg_experts is not None:
                 self.bg_experts.add(1)
-            if self.box_reg == "task":  # filled at the task's end: the checkpoints of every stage hold it
+            if self.box_reg == "task" and self.freeze:  # filled at the task's end: every stage's checkpoint holds it
                 self.task_box_regs.append(self._shared_regressor_copy())
 
     def _shared_regressor_copy(self) -> nn.Module:
