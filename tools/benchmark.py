@@ -12,7 +12,8 @@ configs/VOC/clclip_10+10.yaml (ViT-B-16, random weights, 640 px) on random image
 on MODEL.DEVICE (auto: the GPU if there is one), so the same command measures a CPU or a GPU.
 
 F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
-VOC, 80: COCO), both with random ViT-B-16 weights on the same random images.
+VOC 10+10, 80: COCO 40+40), both with random ViT-B-16 weights on the same random images, each as it
+is evaluated after the last task of its split (CL-CLIP: both tasks' experts and box regressors).
 """
 import argparse
 import os
@@ -23,8 +24,8 @@ from typing import Dict, List
 
 import torch
 
-from clcl_det.continual import begin_task
-from clcl_det.data.continual import Task
+from clcl_det.continual import begin_task, end_task
+from clcl_det.data.continual import Task, build_continual_split
 from clcl_det.engine import setup_cfg
 from clcl_det.modeling import build_model
 
@@ -38,12 +39,16 @@ def _images(n: int, size: int, seed: int = 0) -> List[Dict]:
 
 
 def _model(config: str, opts: List[str], num_classes: int):
+    """The config's model as it is evaluated after the last task of its split (every task grown
+    and finished: CL-CLIP's experts and per-task box regressors frozen), random weights."""
     cfg = setup_cfg(os.path.join(REPO, "configs", config), ["MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES",
                                                             "simple", *opts])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    names = tuple(f"class {i}" for i in range(num_classes))
-    begin_task(model, Task(0, 0, num_classes, names, names))
+    split = build_continual_split(cfg, tuple(f"class {i}" for i in range(num_classes)))
+    for t in range(split.num_tasks):
+        begin_task(model, split.task(t))
+        end_task(model, split.task(t))
     return model
 
 
