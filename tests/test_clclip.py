@@ -539,6 +539,48 @@ def test_mechanism_old_boxes_frozen_with_their_task(box_reg):
     assert not any(p.requires_grad for p in head.task_box_regs.parameters())
 
 
+def test_last_task_regressor_reuses_the_shared_deltas_bit_for_bit():
+    """At the end of a task its frozen regressor is a copy of the shared one: its deltas are taken
+    from the shared branch (its layers are not run), and they equal, bit for bit, those the copy
+    computes itself. Once the shared regressor trains again, the copy runs its own layers."""
+    torch.manual_seed(0)
+    cfg = clclip_cfg(**{"INPUT.IMAGE_SIZE": 64, "MODEL.CLCLIP.MULTI_EXPERT.TRUNK": "box_head",
+                        "MODEL.CLCLIP.MULTI_EXPERT.BOX_REG": "task"})
+    model = build_model(cfg).eval()
+    head = model.roi_heads
+    t1, t2 = Task(0, 0, 4, NAMES[:4], NAMES[:8]), Task(1, 4, 8, NAMES[:8], NAMES[:8])
+    feats, rois, dense = _head_inputs(model)
+    calls = [0, 0]
+    begin_task(model, t1)
+    end_task(model, t1)
+    begin_task(model, t2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    end_task(model, t2)
+    for i, reg in enumerate(head.task_box_regs):
+        reg.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def predict():
+        ctx = model.make_context(dense, [(64, 64)])
+        with torch.no_grad():
+            pooled = head.box_head.convs(head.pool(feats, rois, ctx.image_sizes))
+            return head.predict(head.pool(feats, rois, ctx.image_sizes), rois, ctx), pooled.flatten(1)
+
+    out, flat = predict()
+    assert calls == [1, 0]  # task 1's copy runs, task 2's is the shared regressor
+    with torch.no_grad():
+        own = torch.stack([r(flat) for r in head.task_box_regs], dim=1)
+    assert torch.equal(out["task_deltas"], own) and torch.equal(out["task_deltas"][:, 1], out["deltas"])
+    with torch.no_grad():  # the shared regressor trains on (a third task)
+        head.bbox_pred.weight.add_(0.1)
+    calls[:] = [0, 0]
+    out, flat = predict()
+    assert calls == [1, 1]
+    assert torch.equal(out["task_deltas"][:, 1], own[:, 1]) and not torch.equal(out["task_deltas"][:, 1], out["deltas"])
+
+
 def test_box_reg_task_runs_and_evaluates(shapes_root, tmp_path):
     """BOX_REG task through the runner: two tasks, then --eval-only on the same output reproduces
     every stage's mAP (the checkpoints hold each task's regressor, in every loading path)."""

@@ -190,3 +190,30 @@ def test_caption_for():
     assert caption_for(["red circle"]) == "a photo of a red circle."
     assert caption_for(["red circle", "blue square", "red circle", "green cross"]) == \
         "a photo of a red circle, a blue square and a green cross."
+
+
+def test_clip_quality_measures_on_the_val_split(datasets_dir):
+    """`measure_on_shapes(split="val")` (tools/measure_clip_dense.py --split val, for choosing a tiny-CLIP
+    recipe) counts the boxes of shapes_val's own images, not those of the test split."""
+    import torch
+
+    from clcl_det.config import get_cfg
+    from clcl_det.embedded.quality import measure_on_shapes
+    from clcl_det.modeling.clip.factory import create_open_clip
+
+    import open_clip
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["DATASETS.SHAPES.NUM_TRAIN", "2", "DATASETS.SHAPES.NUM_TEST", "3",
+                         "DATASETS.SHAPES.NUM_VAL", "4", "MODEL.CLIP.TEMPLATES", "simple"])
+    torch.manual_seed(0)
+    model, tok = create_open_clip("shapes-tiny", None), open_clip.get_tokenizer("shapes-tiny")
+    spec = ShapesSpec.from_cfg(cfg)
+    for split, (root, name) in {"val": (spec.val_spec(), "test"), "test": (spec, "test")}.items():
+        boxes = sum(len(d["annotations"]) for d in load_voc_instances(ensure_shapes(root), name, SHAPES_CLASSES))
+        res = measure_on_shapes(cfg, model, tok, split=split)
+        assert int(res["dense_hit_rate"].total.sum()) == int(res["crop_accuracy"].total.sum()) == boxes
+    val = load_voc_instances(ensure_shapes(spec.val_spec()), "test", SHAPES_CLASSES)
+    test = load_voc_instances(ensure_shapes(spec), "test", SHAPES_CLASSES)
+    assert len(val) == 4 and len(test) == 3
+    assert [a["bbox"] for a in val[0]["annotations"]] != [a["bbox"] for a in test[0]["annotations"]]

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Measure a CLIP on Shapes test images: dense hit rate and zero-shot crop accuracy, per class.
+"""Measure a CLIP on Shapes test (or val) images: dense hit rate and zero-shot crop accuracy, per class.
 
     python tools/measure_clip_dense.py                          # the cached tiny CLIP (built if missing)
     python tools/measure_clip_dense.py --weights /tmp/tiny.pt --num-images 200
     python tools/measure_clip_dense.py --templates simple MODEL.CLIP.TINY.ITERS 300
+    python tools/measure_clip_dense.py --split val MODEL.CLIP.TINY.ITERS 100   # choose recipes on val
 
 Dense hit rate: per ground-truth box, the class with the highest mean response of the cost volume
 V.T^T over the box's patch cells must be the box's class (chance 1/20). Crop accuracy: the box
@@ -26,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="YAML config (default: the embedded default)")
     p.add_argument("--weights", default="", metavar="PATH",
                    help="a checkpoint of MODEL.CLIP.ARCH (default: MODEL.CLIP.PRETRAINED, i.e. the cached tiny CLIP)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="Shapes split to measure on (val = shapes_val, for choosing a recipe)")
     p.add_argument("--num-images", type=int, default=0, metavar="N", help="first N test images (0 = all)")
     p.add_argument("--templates", default="", choices=["", "imagenet", "simple"],
                    help="prompt templates of the class embeddings (default: MODEL.CLIP.TEMPLATES)")
@@ -46,9 +49,10 @@ def main(args: argparse.Namespace) -> None:
     prepare_embedded_assets(cfg)
     model, tokenizer = build_clip(cfg)
     templates = args.templates or cfg.MODEL.CLIP.TEMPLATES
-    res = measure_on_shapes(cfg, model, tokenizer, num_images=args.num_images or None, templates=templates)
+    res = measure_on_shapes(cfg, model, tokenizer, num_images=args.num_images or None, templates=templates,
+                            split=args.split)
     print(f"CLIP {cfg.MODEL.CLIP.ARCH} ({cfg.MODEL.CLIP.PRETRAINED or 'random weights'}), "
-          f"{templates} templates, {int(res['dense_hit_rate'].total.sum())} boxes")
+          f"{templates} templates, {int(res['dense_hit_rate'].total.sum())} boxes of shapes_{args.split}")
     print(format_report(res))
 
 

@@ -254,6 +254,14 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         reg = nn.Sequential(copy.deepcopy(self.box_head.fcs), copy.deepcopy(self.bbox_pred))
         return reg.requires_grad_(False)
 
+    def _holds_shared_regressor(self, reg: nn.Module) -> bool:
+        """Whether a finished task's regressor holds exactly the shared regressor's weights, so its
+        deltas are the shared branch's, bit for bit (the same layers on the same input), and need not
+        be computed twice: true for the last task's copy until the shared regressor trains again,
+        i.e. whenever a model is evaluated at the end of a task."""
+        shared, own = [*self.box_head.fcs.parameters(), *self.bbox_pred.parameters()], list(reg.parameters())
+        return len(shared) == len(own) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(shared, own))
+
     def on_task_end(self, task: Any, model: nn.Module) -> None:
         """Freeze every expert learned so far (out of the next task's optimizer)."""
         if self.freeze:
@@ -328,7 +336,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             out = self.shared_outputs(pooled, rois, ctx)
             if self._box_regs_done and not self.training:  # finished tasks' frozen regressors: R x T x 4
                 flat = pooled.flatten(1)
-                out["task_deltas"] = torch.stack([r(flat) for r in self.task_box_regs[:self._box_regs_done]], dim=1)
+                done = self.task_box_regs[:self._box_regs_done]
+                last = out["deltas"] if self._holds_shared_regressor(done[-1]) else done[-1](flat)
+                out["task_deltas"] = torch.stack([r(flat) for r in done[:-1]] + [last], dim=1)
         else:
             out = super().predict(pooled, rois, ctx, labels)
             if self.trunk is not None:
