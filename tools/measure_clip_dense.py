@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from clcl_det.embedded.shapes import SHAPES_SPLITS
 from clcl_det.engine.defaults import setup_cfg
 from clcl_det.utils.errors import run_cli
 from clcl_det.utils.logger import setup_logger
@@ -27,9 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="YAML config (default: the embedded default)")
     p.add_argument("--weights", default="", metavar="PATH",
                    help="a checkpoint of MODEL.CLIP.ARCH (default: MODEL.CLIP.PRETRAINED, i.e. the cached tiny CLIP)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+    p.add_argument("--split", default="test", choices=list(SHAPES_SPLITS),
                    help="Shapes split to measure on (val = shapes_val, for choosing a recipe)")
-    p.add_argument("--num-images", type=int, default=0, metavar="N", help="first N test images (0 = all)")
+    p.add_argument("--num-images", type=int, default=0, metavar="N", help="first N images of the split (0 = all)")
     p.add_argument("--templates", default="", choices=["", "imagenet", "simple"],
                    help="prompt templates of the class embeddings (default: MODEL.CLIP.TEMPLATES)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")

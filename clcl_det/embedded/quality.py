@@ -181,16 +181,13 @@ def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Seque
 def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
                       templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
     """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (train, test
-    or val, of the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class embeddings of `TextEncoder`
+    or val, as registered for the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class embeddings of `TextEncoder`
     (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
-    from ..data.datasets.voc import load_voc_instances
+    from ..data.catalog import DatasetCatalog
     from ..modeling.text import TextEncoder
-    from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes
+    from .shapes import SHAPES_CLASSES, ShapesSpec, register_shapes
 
-    spec = ShapesSpec.from_cfg(cfg)
-    if split == "val":  # shapes_val is the test split of its own spec
-        spec, split = spec.val_spec(), "test"
-    dicts = load_voc_instances(ensure_shapes(spec), split, SHAPES_CLASSES)
+    dicts = DatasetCatalog.get(register_shapes(ShapesSpec.from_cfg(cfg))[split])
     dicts = dicts[:num_images] if num_images else dicts
     was_training = clip_model.training
     clip_model.eval()

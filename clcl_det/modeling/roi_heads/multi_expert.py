@@ -260,7 +260,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         be computed twice: true for the last task's copy until the shared regressor trains again,
         i.e. whenever a model is evaluated at the end of a task."""
         shared, own = [*self.box_head.fcs.parameters(), *self.bbox_pred.parameters()], list(reg.parameters())
-        return len(shared) == len(own) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(shared, own))
+        return len(shared) == len(own) and all(torch.equal(a, b) for a, b in zip(shared, own))
 
     def on_task_end(self, task: Any, model: nn.Module) -> None:
         """Freeze every expert learned so far (out of the next task's optimizer)."""
