@@ -34,6 +34,19 @@ def tiny_cfg(output_dir: str = "", **overrides):
     return cfg
 
 
+def two_box_batch(task, n: int = 2, seed: int = 0, first_class_step: int = 0):
+    """`n` random 64-px images with the same two boxes each, labelled with classes of `task`: image i's
+    first box is class `task.start + first_class_step * i`, its second `task.start + 2 + i`."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g)
+        boxes = torch.tensor([[4.0, 5.0, 30.0, 25.0], [35.0, 32.0, 60.0, 63.0]])
+        out.append({"image": img, "boxes": boxes, "seed": 100 * seed + i,
+                    "classes": torch.tensor([task.start + first_class_step * i, task.start + 2 + i])})
+    return out
+
+
 def run_tiny(cfg, resume: bool = False):
     """Freeze cfg, set up logging/seeds like tools/train_net.py, run the whole sequence."""
     from clcl_det.continual import ContinualRunner

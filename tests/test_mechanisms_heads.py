@@ -16,7 +16,7 @@ from clcl_det.engine.trainer import build_optimizer
 from clcl_det.modeling import build_model
 from clcl_det.modeling.losses.sgakt import SnapshotAggregator, sgakt_kl
 
-from conftest import tiny_cfg
+from conftest import tiny_cfg, two_box_batch
 
 TASK0 = Task(0, 0, 10, SHAPES_CLASSES[:10], SHAPES_CLASSES)
 TASK1 = Task(1, 10, 20, SHAPES_CLASSES, SHAPES_CLASSES)
@@ -31,15 +31,7 @@ def _model(*opts):
 
 
 def _batch(task, n=2, seed=0):
-    """Random 64-px images with two boxes each, labelled with classes of `task`."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g)
-        boxes = torch.tensor([[4.0, 5.0, 30.0, 25.0], [35.0, 32.0, 60.0, 63.0]])
-        out.append({"image": img, "boxes": boxes, "classes": torch.tensor([task.start + i, task.start + 2 + i]),
-                    "seed": 100 * seed + i})
-    return out
+    return two_box_batch(task, n, seed, first_class_step=1)
 
 
 def _train(model, cfg, task, steps, seed=0):
