@@ -216,7 +216,7 @@ def write_base_plot(groups: List[Tuple[str, List[str]]], split: str, png_path: s
 
     from clcl_det.utils.checkpoint import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
     for label, mean, std, n in curves:
         ax.errorbar(range(1, len(mean) + 1), mean, yerr=std, marker="o", capsize=3, label=f"{label} ({n} seeds)")
     ax.set_xlabel("after task")
@@ -224,7 +224,7 @@ def write_base_plot(groups: List[Tuple[str, List[str]]], split: str, png_path: s
     ax.set_title(f"Base classes through the stages ({split})")
     ax.set_xticks(range(1, max(len(c[1]) for c in curves) + 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes, never over a curve
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
