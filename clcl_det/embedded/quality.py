@@ -181,8 +181,8 @@ def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Seque
 def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
                       templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
     """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (train, test
-    or val, as registered for the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class embeddings of `TextEncoder`
-    (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
+    or val, as registered for the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class
+    embeddings of `TextEncoder` (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
     from ..data.catalog import DatasetCatalog
     from ..modeling.text import TextEncoder
     from .shapes import SHAPES_CLASSES, ShapesSpec, register_shapes
