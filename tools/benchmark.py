@@ -6,6 +6,13 @@
     python tools/benchmark.py clclip MODEL.CLCLIP.MULTI_EXPERT.TOPK 0     # CL-CLIP options to compare
     python tools/benchmark.py train                # training iterations/s and peak memory, VOC 10+10 task 1
     python tools/benchmark.py train --iters 20 SOLVER.IMS_PER_BATCH 16 SOLVER.AMP_DTYPE bfloat16
+    python tools/benchmark.py steps                # training step time of the shipped Shapes configs
+    python tools/benchmark.py steps --iters 30 --configs Shapes/clclip_10+10.yaml Shapes/finetune_10+10.yaml
+
+`steps` trains each config as `tools/train_net.py` would (its data, the embedded tiny CLIP, the
+trainer) for a few iterations of task 1 and of task 2 and prints the median step time of each
+task and its ratio to the first config's (F-ViT fine-tuning by default); old and new code are
+compared by running the same command in both trees.
 
 `train` runs the trainer (TaskTrainer: the config's optimizer, AMP, accumulation) of
 configs/VOC/clclip_10+10.yaml (ViT-B-16, random weights, 640 px) on random images with random boxes
@@ -150,6 +157,68 @@ def train(args: argparse.Namespace) -> None:
           f"({its * cfg.SOLVER.IMS_PER_BATCH:.2f} images/s), peak memory {peak}")
 
 
+SHAPES_STEP_CONFIGS = ["Shapes/finetune_10+10.yaml", "Shapes/clclip_10+10.yaml", "Shapes/spa_10+10.yaml"]
+
+
+def _config_step_times(config: str, iters: int, warmup: int, opts: List[str]) -> List[float]:
+    """Median step time of each of the first two tasks of `config`, trained from scratch."""
+    import copy
+    import tempfile
+
+    from clcl_det.continual import ContinualRunner, lifecycle
+    from clcl_det.data.build import build_train_loader
+    from clcl_det.engine import TaskTrainer
+    from clcl_det.engine.hooks import HookBase
+
+    class Clock(HookBase):
+        """Wall time of each step (before_step -> after_step): data loading is not counted."""
+
+        def __init__(self) -> None:
+            self.times: List[float] = []
+            self._t0 = 0.0
+
+        def before_step(self) -> None:
+            self._t0 = time.perf_counter()
+
+        def after_step(self) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = setup_cfg(os.path.join(REPO, "configs", config), [
+            "SOLVER.MAX_ITER", str(iters + warmup), "SOLVER.CHECKPOINT_PERIOD", "100000000",
+            "SOLVER.LOG_PERIOD", "100000000", "HOOKS", "[]", "OUTPUT_DIR", tmp, *opts])
+        torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+        runner = ContinualRunner(cfg)
+        model, split = runner.model, runner.split
+        medians = []
+        for t in range(min(2, split.num_tasks)):
+            task = split.task(t)
+            teacher = copy.deepcopy(model) if t > 0 and lifecycle.needs_teacher(model) else None
+            lifecycle.begin_task(model, task)
+            model.set_teacher(teacher)
+            dicts = split.task_train_dicts(runner.train_dicts(), t)
+            clock = Clock()
+            trainer = TaskTrainer(cfg, model, lambda start, d=dicts, t=t: build_train_loader(cfg, d, task=t, start_iter=start),
+                                  os.path.join(tmp, f"task_{t + 1}"), hooks=[clock])
+            trainer.train()
+            lifecycle.end_task(model, task)
+            model.set_teacher(None)
+            medians.append(statistics.median(clock.times[warmup:]))
+    return medians
+
+
+def steps(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    print(f"training step time (median of {args.iters} steps after {args.warmup} warm-up, data loading excluded), "
+          f"{torch.get_num_threads()} threads")
+    rows = [(c, _config_step_times(c, args.iters, args.warmup, list(args.opts))) for c in args.configs]
+    ref = rows[0][1]
+    for config, med in rows:
+        print(f"  {config:32s} " + "  ".join(
+            f"task {t + 1} {m:.3f} s ({m / ref[min(t, len(ref) - 1)]:.2f}x {os.path.basename(rows[0][0])})"
+            for t, m in enumerate(med)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -168,6 +237,13 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=torch.get_num_threads())
     t.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (e.g. SOLVER.IMS_PER_BATCH 16)")
     t.set_defaults(func=train)
+    s = sub.add_parser("steps", help="training step time of shipped (Shapes) configs, tasks 1 and 2, ratio to the first")
+    s.add_argument("--configs", nargs="+", default=SHAPES_STEP_CONFIGS, help="configs under configs/; the first is the reference")
+    s.add_argument("--iters", type=int, default=20, help="timed steps per task")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps per task, first")
+    s.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of every config")
+    s.set_defaults(func=steps)
     args = p.parse_args(argv)
     args.func(args)
     return 0

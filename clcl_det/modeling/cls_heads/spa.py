@@ -126,10 +126,12 @@ def solve_ot_batch(cost: Tensor, token_mask: Tensor, epsilon: float, method: str
     columns get no mass). cost: B x n x L. Returns the plans T* (B x n x L) and <T*, C> (B), whose
     gradient w.r.t. the cost is T* (envelope theorem)."""
     method = ot_method_for(method, epsilon, cost.device)
-    mass = token_mask.to(cost.dtype)
-    b = mass / mass.sum(dim=-1, keepdim=True)
-    cost = cost.masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
-    res = ot.solve_batch(cost, reg=epsilon, b=b, method=method, max_iter=max_iter, tol=tol, grad="envelope")
+    with torch.autocast(cost.device.type, enabled=False):  # Sinkhorn in float32 whatever the AMP dtype
+        cost = cost.float()
+        mass = token_mask.to(cost.dtype)
+        b = mass / mass.sum(dim=-1, keepdim=True)
+        cost = cost.masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
+        res = ot.solve_batch(cost, reg=epsilon, b=b, method=method, max_iter=max_iter, tol=tol, grad="envelope")
     return res.plan, res.value_linear
 
 

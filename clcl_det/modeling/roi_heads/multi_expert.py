@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,26 @@ class ExpertBank(nn.Module):
         z, scale = self.embed(h, idx)
         return z, act, scale
 
+    def chunk_features(self, c: ExpertChunk, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The first s experts of chunk `c` on their pathway inputs x (R x s x C x P x P), as one
+        grouped convolution per layer: pooled features R x s x E*G*G and activation maps R x s x P*P."""
+        R, s, C, P, _ = x.shape
+        n = s * self.expert_dim
+        g = [(getattr(c, f"g{i}_w")[:n], getattr(c, f"g{i}_b")[:n]) if self.norm else (None, None) for i in (1, 2)]
+        h = F.conv2d(x.reshape(R, s * C, P, P), c.w1[:n], c.b1[:n], padding=1, groups=s)
+        h = F.relu(self._norm(h, s, *g[0]))
+        act = h.view(R, s, self.expert_dim, P * P).mean(dim=2)
+        h = F.relu(self._norm(F.conv2d(h, c.w2[:n], c.b2[:n], padding=1, groups=s), s, *g[1]))
+        return self._pool(h, R, s), act
+
+    def gated_features(self, f: Tensor, m: Tensor, gate: Callable[[Tensor, Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
+        """`features` of the pathways gate(f, m[:, a:b]) of the first S = m.shape[1] classes, built
+        chunk by chunk (the R x S x C x P x P pathway tensor is never held whole)."""
+        if m.shape[1] > self.num_experts:
+            raise ValueError(f"{m.shape[1]} class pathways for {self.num_experts} experts")
+        parts = [self.chunk_features(c, gate(f, m[:, a:b])) for c, a, b in self.chunk_ranges(m.shape[1])]
+        return torch.cat([h for h, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=1)
+
     def features(self, x: Tensor, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The convolutional part: pooled features R x S x E*G*G and activation maps R x S x P*P.
         With `idx` None, one grouped conv per chunk: a task's features are computed the same way
@@ -119,16 +139,8 @@ class ExpertBank(nn.Module):
         if idx is None:
             if S > K:
                 raise ValueError(f"{S} class pathways for {K} experts")
-            hs, acts = [], []
-            for c, a, b in self.chunk_ranges(S):
-                s, n = b - a, (b - a) * E
-                g = [(getattr(c, f"g{i}_w")[:n], getattr(c, f"g{i}_b")[:n]) if self.norm else (None, None) for i in (1, 2)]
-                h = F.conv2d(x[:, a:b].reshape(R, s * C, P, P), c.w1[:n], c.b1[:n], padding=1, groups=s)
-                h = F.relu(self._norm(h, s, *g[0]))
-                acts.append(h.view(R, s, E, P * P).mean(dim=2))
-                h = F.relu(self._norm(F.conv2d(h, c.w2[:n], c.b2[:n], padding=1, groups=s), s, *g[1]))
-                hs.append(self._pool(h, R, s))
-            return torch.cat(hs, dim=1), torch.cat(acts, dim=1)
+            parts = [self.chunk_features(c, x[:, a:b]) for c, a, b in self.chunk_ranges(S)]
+            return torch.cat([h for h, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=1)
         # per-RoI class subsets: gather each pair's weights; groups = R*S in a batch of one
         w1, b1, w2, b2 = self._cat("w1"), self._cat("b1"), self._cat("w2"), self._cat("b2")
         flat = idx.reshape(-1)
@@ -313,7 +325,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     def background_logits(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext, num_tasks: int) -> Tensor:
         """Each task's background expert on the pathway gated by its task's background prior: R x T."""
         m = self.pooled_prior(rois, ctx, num_tasks, background=True)
-        h, _ = self.bg_experts.features(self.pathways(pooled, m))
+        h, _ = self.bg_experts.gated_features(pooled, m, self.pathways)
         z, scale = self.bg_experts.embed(h)
         return scale * (F.normalize(z, dim=-1) * ctx.background_embedding).sum(-1)
 
@@ -360,7 +372,10 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         h_parts, act_parts = [], []
         for i in range(0, len(pooled), step):
             sl = slice(i, i + step)
-            h, act = self.experts.features(self.pathways(pooled[sl], m[sl]), idx[sl] if idx is not None else None)
+            if idx is None:
+                h, act = self.experts.gated_features(pooled[sl], m[sl], self.pathways)
+            else:
+                h, act = self.experts.features(self.pathways(pooled[sl], m[sl]), idx[sl])
             h_parts.append(h)
             act_parts.append(act)
         h, act = torch.cat(h_parts), torch.cat(act_parts)
