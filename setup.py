@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["clcl_det", "clcl_det.*"]),
-    package_data={"clcl_det": ["modeling/clip/model_configs/*.json"]},
+    package_data={"clcl_det": ["modeling/clip/model_configs/*.json", "embedded/assets/shapes-tiny.pt"]},
     data_files=[("share/clcl_det/descriptions", sorted(str(p) for p in Path("datasets/descriptions").glob("*.json")))],
     install_requires=[
         "torch>=2.1",

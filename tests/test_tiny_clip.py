@@ -63,6 +63,43 @@ def test_cache_key_covers_model_config(tmp_path, monkeypatch):
     assert P.tiny_clip_path(cfg) != path
 
 
+def test_packaged_tiny_clip_is_the_released_checkpoint():
+    """The default recipe loads the checkpoint shipped in the package, whose sha256 is the one the
+    README states."""
+    from clcl_det.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.CLIP.ARCH", "shapes-tiny"])
+    path = P.tiny_clip_path(cfg)
+    assert path == P.packaged_tiny_clip_path(cfg) == os.path.join(P.PACKAGED_DIR, P.PACKAGED_FILE)
+    assert P.recipe_digest(cfg) == P.PACKAGED_RECIPE
+    assert P.file_sha256(path) == P.PACKAGED_SHA256
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    assert P.PACKAGED_SHA256 in readme
+    assert P.built_tiny_clip_path(cfg) == path
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(open_clip.create_model("shapes-tiny", pretrained=path, weights_only=True)
+                       .state_dict()["visual.conv1.weight"], state["visual.conv1.weight"])
+
+
+def test_corrupted_packaged_tiny_clip_is_refused_in_one_line(tmp_path, monkeypatch):
+    from clcl_det.config import get_cfg
+    from clcl_det.utils.errors import run_cli
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.CLIP.ARCH", "shapes-tiny"])
+    data = bytearray(open(P.packaged_tiny_clip_path(cfg), "rb").read())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    (tmp_path / P.PACKAGED_FILE).write_bytes(bytes(data))
+    monkeypatch.setattr(P, "PACKAGED_DIR", str(tmp_path))
+    for load in (P.built_tiny_clip_path, P.ensure_shapes_tiny):
+        with pytest.raises(P.TinyCLIPChecksumError) as err:
+            load(cfg)
+        msg = str(err.value)
+        assert "\n" not in msg and P.REBUILD_COMMAND in msg and P.PACKAGED_SHA256[:12] in msg
+    assert run_cli(lambda: P.ensure_shapes_tiny(cfg)) == 2  # the entry points print it as one error line
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 
 

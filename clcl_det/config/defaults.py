@@ -67,6 +67,7 @@ _C.MODEL.CLIP.CACHE_DIR = ""  # where built/downloaded CLIP weights are cached (
 _C.MODEL.CLIP.TAP_INDICES = []  # ViT blocks (0-based) tapped for the pyramid; empty = 4 evenly spaced, last = final
 _C.MODEL.CLIP.TEMPLATES = "imagenet"  # prompt templates ensembled for class text embeddings: imagenet | simple
 _C.MODEL.CLIP.BACKGROUND_PROMPT = "background"  # text whose embedding is the background class
+_C.MODEL.CLIP.FEATURE_CACHE_MB = 0  # keep the frozen CLIP's outputs of up to this many MB of images, keyed by each image's bytes, and reuse them when the same image comes again (0 = off)
 
 # MODEL.CLIP.TINY (the recipe of the shapes-tiny CLIP) is declared by clcl_det/embedded/config.py
 

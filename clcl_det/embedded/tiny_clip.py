@@ -53,15 +53,17 @@ from ..modeling.clip.factory import PROJECT_PRETRAINED, clip_cache_dir, create_o
 from ..modeling.text import TEMPLATE_SETS
 from ..utils.checkpoint import atomic_torch_save
 from ..utils.device import resolve_device
+from ..utils.errors import UserError
 from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .quality import box_cell_mask
 from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
 
-__all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "ShapesTrainData"]
+__all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "recipe_digest",
+           "packaged_tiny_clip_path", "verify_packaged", "TinyCLIPChecksumError", "ShapesTrainData"]
 
 logger = logging.getLogger("clcl_det.embedded.tiny_clip")  # by name: the build process runs this module as __main__
 
-_SECONDS_PER_STEP_HINT = 1.3  # 2-core CPU, default recipe under pinned numerics: 180 steps took 3.8 min (for the "how long" log line only)
+_SECONDS_PER_STEP_HINT = 1.3  # a recipe step on a 2-core CPU under pinned numerics (for the "how long" log line only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,19 +88,70 @@ def recipe_key(cfg: Any) -> Dict[str, Any]:
     }
 
 
+# The checkpoint shipped in the package: the default recipe's build, which every x86-64 CPU with
+# AVX2 reproduces byte for byte (`python tools/pretrain_tiny_clip.py --verify` rebuilds and compares).
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PACKAGED_FILE = "shapes-tiny.pt"
+PACKAGED_RECIPE = "144c38ff4d70"  # `recipe_digest` of the default config
+PACKAGED_SHA256 = "1ffaee7a224ca690d1f23defb57d72a439e6ce6cfccb824b477f001122378d28"
+REBUILD_COMMAND = "python tools/pretrain_tiny_clip.py --verify"
+
+
+class TinyCLIPChecksumError(UserError, RuntimeError):
+    """The packaged tiny CLIP's bytes are not the released ones."""
+
+
+def recipe_digest(cfg: Any) -> str:
+    """12 hex digits of the sha256 of `recipe_key(cfg)`."""
+    return hashlib.sha256(json.dumps(recipe_key(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def packaged_tiny_clip_path(cfg: Any) -> Optional[str]:
+    """The checkpoint shipped in the package if `cfg` asks for the recipe it was built with, else None."""
+    if cfg.MODEL.CLIP.ARCH != "shapes-tiny" or recipe_digest(cfg) != PACKAGED_RECIPE:
+        return None
+    return os.path.join(PACKAGED_DIR, PACKAGED_FILE)
+
+
+_verified: Dict[Tuple[str, float, int], bool] = {}
+
+
+def verify_packaged(path: str) -> str:
+    """`path` if its sha256 is PACKAGED_SHA256 (checked once per file version and process), else a
+    one-line TinyCLIPChecksumError that names the rebuild command."""
+    if not os.path.isfile(path):
+        raise TinyCLIPChecksumError(f"the packaged tiny CLIP '{path}' is missing; reinstall the package or rebuild "
+                                    f"it with: {REBUILD_COMMAND} --output {path}")
+    st = os.stat(path)
+    key = (path, st.st_mtime, st.st_size)
+    if key not in _verified:
+        digest = file_sha256(path)
+        if digest != PACKAGED_SHA256:
+            raise TinyCLIPChecksumError(
+                f"the packaged tiny CLIP '{path}' has sha256 {digest[:12]}…, not the released {PACKAGED_SHA256[:12]}… "
+                f"(a corrupted or altered file); rebuild it with: {REBUILD_COMMAND} --output {path}")
+        _verified[key] = True
+    return path
+
+
 def tiny_clip_path(cfg: Any) -> str:
-    """`<cache dir>/shapes-tiny-<hash>.pt`; the hash covers `recipe_key(cfg)`."""
-    key = json.dumps(recipe_key(cfg), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    """The packaged checkpoint for the default recipe, else `<cache dir>/shapes-tiny-<hash>.pt`;
+    the hash covers `recipe_key(cfg)`."""
+    packaged = packaged_tiny_clip_path(cfg)
+    if packaged is not None:
+        return packaged
+    digest = recipe_digest(cfg)
     arch = cfg.MODEL.CLIP.ARCH
     name = f"shapes-tiny-{digest}.pt" if arch == "shapes-tiny" else f"{arch}-shapes-{digest}.pt"
     return os.path.join(clip_cache_dir(cfg), name)
 
 
 def built_tiny_clip_path(cfg: Any) -> str:
-    """`tiny_clip_path(cfg)` if it is built (what MODEL.CLIP.PRETRAINED "shapes-tiny" loads), else a
-    FileNotFoundError saying how to build it."""
+    """`tiny_clip_path(cfg)` if it is built (what MODEL.CLIP.PRETRAINED "shapes-tiny" loads; the
+    packaged checkpoint is checked by its sha256), else a FileNotFoundError saying how to build it."""
     path = tiny_clip_path(cfg)
+    if path == packaged_tiny_clip_path(cfg):
+        return verify_packaged(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED '{PROJECT_PRETRAINED}': the tiny CLIP '{path}' is not built; "
                                 f"tools/train_net.py builds it first (or run tools/pretrain_tiny_clip.py)")
@@ -109,10 +162,18 @@ register_pretrained(PROJECT_PRETRAINED, built_tiny_clip_path)
 
 
 def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_images: int = 0) -> str:
-    """The path of the pretrained tiny CLIP for `cfg`, built first if it is not cached (or if
-    `force`) by `build_pinned`. Building runs under a file lock (concurrent processes build it
-    once); the sha256 of the file is logged either way."""
+    """The path of the pretrained tiny CLIP for `cfg`: the packaged checkpoint (checked by its
+    sha256) for the default recipe, else the cached build, built first if missing (or if `force`)
+    by `build_pinned`. Building runs under a file lock (concurrent processes build it once); the
+    sha256 of the file is logged either way."""
     path = tiny_clip_path(cfg)
+    if path == packaged_tiny_clip_path(cfg) and not force:
+        verify_packaged(path)
+        logger.info(f"tiny CLIP '{path}' (packaged) sha256 {PACKAGED_SHA256}")
+        return path
+    if force and path == packaged_tiny_clip_path(cfg):
+        raise ValueError("the default recipe's tiny CLIP is packaged; rebuild it into another file with "
+                         f"{REBUILD_COMMAND} (or --output PATH)")
     if not (os.path.isfile(path) and not force):
         with file_lock(path + ".lock"):
             if force or not os.path.isfile(path):  # else built by another process while we waited

@@ -13,6 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..clip.dense import build_dense_encoder
 from .build import BACKBONE_REGISTRY
+from .feature_cache import FrozenFeatureCache
 
 __all__ = ["SimplePyramid", "CLIPViTBackbone", "get_norm"]
 
@@ -67,6 +68,8 @@ class CLIPViTBackbone(nn.Module):
         super().__init__()
         encoder = build_dense_encoder(clip_model.visual, cfg.MODEL.CLIP.TAP_INDICES).eval()  # ViT or EVA
         object.__setattr__(self, "encoder", encoder)  # frozen, outside the module tree
+        mb = cfg.MODEL.CLIP.FEATURE_CACHE_MB
+        self.feature_cache = FrozenFeatureCache(mb * 2**20) if mb > 0 else None
         p = encoder.patch_size
         scales = tuple(cfg.MODEL.BACKBONE.SCALES)
         if len(scales) != len(encoder.tap_indices) or list(scales) != sorted(scales, reverse=True):
@@ -90,9 +93,11 @@ class CLIPViTBackbone(nn.Module):
         return self.strides[-1]
 
     def encode(self, images: Tensor):
-        """Frozen CLIP pass: (taps, dense map V)."""
+        """Frozen CLIP pass: (taps, dense map V), from the feature cache for images seen before."""
         with torch.no_grad():
-            return self.encoder(images)
+            if self.feature_cache is None:
+                return self.encoder(images)
+            return self.feature_cache(self.encoder, images)
 
     def pyramid_features(self, taps: List[Tensor]) -> "OrderedDict[str, Tensor]":
         """Trainable part: taps -> FPN levels keyed p<k>."""
