@@ -383,9 +383,9 @@ def test_overrides_config_paths_and_coco_registration(tmp_path):
     cfg.merge_from_list(["SOLVER.MAX_ITER=7", "OUTPUT_DIR", "a=b", "SOLVER.BASE_LR", "0.5"])
     assert (cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR) == (7, "a=b", 0.5)
     with pytest.raises(ConfigError) as e:
-        resolve_config_path("configs/Shape/clclip_10+10.yaml")
-    assert "did you mean 'configs/Shapes/clclip_10+10.yaml'" in str(e.value) and "ambiguous" not in str(e.value)
-    assert resolve_config_path("configs/Shapes/clclip_10+10.yaml").endswith("clclip_10+10.yaml")
+        resolve_config_path("configs/clclp/clclip_shapes_10+10.yaml")
+    assert "did you mean 'configs/clclip/clclip_shapes_10+10.yaml'" in str(e.value) and "ambiguous" not in str(e.value)
+    assert resolve_config_path("configs/clclip/clclip_shapes_10+10.yaml").endswith("clclip_shapes_10+10.yaml")
 
     from clcl_det.data import DatasetCatalog, MetadataCatalog
     from clcl_det.data.datasets import register_coco_instances

@@ -126,7 +126,7 @@ def test_vocabulary_and_zero_shot_context():
         model(b)
 
 
-@pytest.mark.parametrize("config", ["VOC_10+10.yaml", "COCO/clclip_40+40.yaml"])
+@pytest.mark.parametrize("config", ["VOC_10+10.yaml", "clclip/clclip_coco_40+40.yaml"])
 def test_real_configs_build_and_detect(config):
     """The VOC/COCO method configs (ViT-B-16, random weights) build and run inference as shipped,
     at a small input size."""

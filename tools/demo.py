@@ -4,7 +4,7 @@ names, scores), and detections.json lists them.
 
     python tools/demo.py --run output/shapes_clclip_10+10 --input a.png b.png --output demo_out
     python tools/demo.py --run output/shapes_clclip_10+10 --task 1 --input images/ --output demo_out
-    python tools/demo.py --config-file configs/Shapes/clclip_10+10.yaml --input a.png --output demo_out \\
+    python tools/demo.py --config-file configs/clclip/clclip_shapes_10+10.yaml --input a.png --output demo_out \\
         --opts MODEL.WEIGHTS output/shapes_clclip_10+10/task_2/model_final.pth
 """
 import argparse

@@ -4,7 +4,7 @@ where an uninterrupted run ends (the long variant of tests/test_reliability.py).
 
     python tools/kill_resume_check.py                    # 5 trials, up to 3 kills each, tiny 10+10 run
     python tools/kill_resume_check.py --trials 10 --kills 4 --seed 1
-    python tools/kill_resume_check.py --config-file configs/Shapes/clclip_10+10.yaml
+    python tools/kill_resume_check.py --config-file configs/clclip/clclip_shapes_10+10.yaml
     python tools/kill_resume_check.py --trials 6 --kills 3 --tasks 5+5+5+5   # a 4-task run
 
 Each run is `tools/train_net.py` in deterministic mode on CPU with a tiny random-weight CLIP on a
