@@ -77,6 +77,18 @@ def test_predictor_matches_the_stage_evaluation(reference_run):
 
 
 # -- 2. demo ------------------------------------------------------------------------------------------
+def test_demo_takes_overrides_as_train_net_does():
+    """Overrides are positional KEY VALUE pairs, as for tools/train_net.py, wherever --input's list ends;
+    the deprecated --opts gives the same."""
+    demo = _tool("demo")
+    want = ["MODEL.WEIGHTS", "w.pth", "SOLVER.MAX_ITER=3"]
+    for argv in (["--input", "a.png", "b.png", "--output", "d"] + want,
+                 ["--output", "d", "--input", "a.png", "b.png"] + want,
+                 ["--input", "a.png", "b.png", "--output", "d", "--opts"] + want):
+        args = demo.parse_args(["--run", "o"] + argv)
+        assert (args.input, args.opts, args.output) == (["a.png", "b.png"], want, "d"), argv
+
+
 def test_demo_draws_and_lists_detections(reference_run, tmp_path):
     out, _ = reference_run
     _, dicts = _test_dicts(out)
