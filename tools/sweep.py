@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a list of configs x seeds, several processes at once, and tabulate them for MODEL_ZOO.md.
 
-    python tools/sweep.py --out /work/zoo/shapes_10+10 --seeds 0 1 --jobs 2 --threads 1 --split 10+10 \\
+    python tools/sweep.py --out output/sweep_10+10 --seeds 0 1 --jobs 2 --threads 1 --split 10+10 \\
         configs/fvit/finetune_shapes_10+10.yaml configs/clclip/clclip_shapes_10+10.yaml configs/fvit/joint_shapes.yaml
 
 Each (config, seed) trains with tools/train_net.py into OUT/<config name>/seed<seed> (a config
@@ -11,11 +11,14 @@ resumes: a run whose summary.json covers every task is skipped, a started one co
 --resume from its last checkpoint, so re-running the same command after an interruption only
 does what is left. Overrides after `--` go to every run (e.g. `-- SOLVER.MAX_ITER 200`).
 
-When all runs are done, OUT/table.md and OUT/table.csv hold one row per config: the mean and the
-sample standard deviation over its seeds of every metric tools/zoo_table.py reads from a run
-(mAP@B / mAP@N / mAP@A after the last task, mAP@A per stage), with the number of seeds. The
-markdown starts with the command that made it. `--table-only` rewrites the table from what is
-finished, without training.
+When all runs are done, OUT/table.md holds the command that made it and one row per config, the
+mean ± sample standard deviation over its seeds: mAP@B | mAP@N | mAP@A after the last task, the
+mean of mAP@A over the stages (three tasks or more) and, for a config named `<base>_<variant>`,
+its mAP@A minus the base row's. OUT/table.csv holds every metric tools/zoo_table.py reads from a
+run (each stage's mAP@A and mAP@B, each task's mAP at the end: mean, std) and OUT/base_map.png
+the first task's classes through the stages. `--table-only` rewrites them from what is finished,
+without training: MODEL_ZOO.md's tables are rewritten this way from their committed run records
+(each run's summary.json and config.yaml).
 """
 from __future__ import annotations
 
