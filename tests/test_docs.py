@@ -129,3 +129,14 @@ def test_zoo_table_is_rewritten_from_its_run_records_with_no_diff(section, tmp_p
         assert (tmp_path / out / name).read_text() == open(os.path.join(section, name)).read(), name
     runs = [d for d in glob.glob(os.path.join(section, "*", "seed*"))]
     assert runs and all(sorted(os.listdir(d)) == ["config.yaml", "summary.json"] for d in runs)
+
+
+def test_readme_results_are_model_zoo_rows():
+    """The README's few result rows are copied from MODEL_ZOO.md, not measured elsewhere."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    zoo = open(os.path.join(REPO, "MODEL_ZOO.md")).read()
+    rows = [re.sub(r" \((lower|upper) bound\)", "", line) for line in readme.splitlines()
+            if line.startswith("| [") and "configs/" in line and "±" in line]
+    assert len(rows) >= 3
+    for row in rows:
+        assert any(z.startswith(row) for z in zoo.splitlines()), row

@@ -99,7 +99,7 @@ def test_train_step_tiny_clip():
 
 
 def test_train_step_vit_b16():
-    cfg = setup_cfg(os.path.join(REPO, "configs", "VOC", "finetune_10+10.yaml"), [
+    cfg = setup_cfg(os.path.join(REPO, "configs", "fvit", "finetune_voc_10+10.yaml"), [
         "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "128", "MODEL.CLIP.TEMPLATES", "simple",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
