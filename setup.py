@@ -11,6 +11,7 @@ setup(
     description="Continual object detection with CLIP (CL-CLIP, F-ViT, SPA, SECA), detectron2-style",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["clcl_det", "clcl_det.*"]),
     package_data={"clcl_det": ["modeling/clip/model_configs/*.json", "embedded/assets/shapes-tiny.pt"]},

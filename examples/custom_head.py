@@ -7,7 +7,7 @@ RoI embeddings closer to their class's text embedding than plain cross-entropy d
 
 Use it like any method of the registry:
 
-    python tools/train_net.py --plugin examples/custom_head.py --config Shapes/finetune_10+10.yaml \\
+    python tools/train_net.py --plugin examples/custom_head.py --config fvit/finetune_shapes_10+10.yaml \\
         MODEL.CLS_HEAD.NAME MarginTextClassifier MODEL.MARGIN_HEAD.MARGIN 0.2
 
 or from Python (this module imported as a plugin, e.g. by `setup_cfg(..., plugins=[path])`):

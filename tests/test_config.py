@@ -82,7 +82,8 @@ def test_yaml_only_no_code(tmp_path):
 
 def test_config_path_as_users_write_it():
     assert resolve_config_path("VOC_10+10.yaml").endswith(os.path.join("configs", "VOC_10+10.yaml"))
-    assert resolve_config_path("Shapes/clclip_10+10.yaml").endswith(os.path.join("Shapes", "clclip_10+10.yaml"))
+    assert resolve_config_path("clclip/clclip_shapes_10+10.yaml").endswith(os.path.join("clclip", "clclip_shapes_10+10.yaml"))
+    assert resolve_config_path("clclip_shapes_10+10.yaml") == resolve_config_path("clclip/clclip_shapes_10+10.yaml")
     with pytest.raises(ConfigError, match="not found"):
         resolve_config_path("VOC_10+11.yaml")
     args = default_argument_parser().parse_args(["--config", "VOC_10+10.yaml", "SOLVER.MAX_ITER", "3"])
@@ -109,3 +110,64 @@ def test_clclip_configs_freeze_boxes_and_rpn_baselines_do_not(path):
     assert frozen != path.endswith("_no_freeze.yaml")
     assert cfg.MODEL.RPN.FREEZE_AFTER_FIRST_TASK == frozen
     assert cfg.MODEL.CLCLIP.MULTI_EXPERT.BOX_REG == "task"
+
+
+# -- the layout of configs/: _base_/, one folder per method, names that say what a config is ----------------
+CONFIGS_DIR = os.path.join(REPO, "configs")
+METHOD_FOLDERS = {"fvit", "faster_ilod", "clclip", "clclip_plus", "replay", "spa", "seca"}
+EXPERIMENTS = [p for p in SHIPPED_CONFIGS if os.path.basename(os.path.dirname(p)) in METHOD_FOLDERS]
+
+
+def test_configs_layout_base_and_method_folders_each_with_a_readme():
+    top = {n for n in os.listdir(CONFIGS_DIR) if not n.startswith(".")}
+    assert top == METHOD_FOLDERS | {"_base_", "README.md", "VOC_10+10.yaml"}, top
+    for folder in METHOD_FOLDERS:
+        assert os.path.isfile(os.path.join(CONFIGS_DIR, folder, "README.md")), f"configs/{folder}/README.md missing"
+    bases = os.listdir(os.path.join(CONFIGS_DIR, "_base_"))
+    assert bases and all(n.startswith("Base-") and n.endswith(".yaml") for n in bases), bases
+    assert len(EXPERIMENTS) + len(bases) + 1 == len(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, CONFIGS_DIR))
+def test_config_name_says_method_dataset_and_output_folder(path):
+    """<method>_<dataset>_<split>[_variant].yaml: the name's method prefix is its folder's, the dataset
+    is the one it trains on, CL-CLIP configs build on CL-CLIP alone and clclip_plus_* on our additions,
+    and OUTPUT_DIR is ./output/<name>."""
+    folder, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
+    cfg = setup_cfg(path)
+    assert cfg.OUTPUT_DIR == f"./output/{stem}"
+    dataset = next(d for d in ("shapes", "voc", "coco") if f"_{d}" in stem)
+    assert cfg.DATASETS.TRAIN[0].startswith(dataset), (stem, cfg.DATASETS.TRAIN)
+    multi_expert = cfg.MODEL.ROI_HEADS.NAME == "MultiExpertRoIHeads"
+    assert multi_expert == folder.startswith("clclip"), stem
+    assert stem.startswith(folder if folder.startswith("clclip") else ""), stem
+    if multi_expert:
+        plus = cfg.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS or cfg.MODEL.ROI_HEADS.UNBIASED_BACKGROUND
+        assert plus == stem.startswith("clclip_plus_"), f"{stem}: the name must say whether it builds on CL-CLIP+"
+
+
+def test_no_config_only_reproduces_another():
+    """Two shipped experiments never merge to the same config (OUTPUT_DIR aside); VOC_10+10.yaml is the
+    short name of clclip_voc_10+10.yaml."""
+    seen = {}
+    for path in EXPERIMENTS:
+        cfg = setup_cfg(path).clone()
+        cfg.defrost()
+        cfg.OUTPUT_DIR = ""
+        dump = cfg.dump()
+        assert dump not in seen, f"{path} reproduces {seen.get(dump)}"
+        seen[dump] = path
+    alias = setup_cfg(os.path.join(CONFIGS_DIR, "VOC_10+10.yaml"))
+    assert alias.dump() == setup_cfg(os.path.join(CONFIGS_DIR, "clclip", "clclip_voc_10+10.yaml")).dump()
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS_DIR))
+def test_yaml_comments_report_no_measurement(path):
+    """A YAML comment explains a value; what was measured for it lives in the folder's README."""
+    import re
+
+    measured = re.compile(r"\d+\.\d+ mAP|mAP\S*( \w+)? \d+\.\d|AP50 \d|seeds \d+/\d|\d+(\.\d+)?x (slower|faster)"
+                          r"|\d\.\d+x F-ViT|\d+\.\d+/\d+\.\d+|\d+\.\d+ (without|at|here)\b")
+    for n, line in enumerate(open(path).read().splitlines(), 1):
+        comment = line.split("#", 1)[1] if "#" in line else ""
+        assert not measured.search(comment), f"{os.path.relpath(path, REPO)}:{n}: {comment.strip()}"

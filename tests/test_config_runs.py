@@ -1,4 +1,4 @@
-"""The heads alone and inside CL-CLIP, the Faster-ILOD baseline and the CL-CLIP ablations of configs/Shapes run end to end
+"""The heads alone and inside CL-CLIP, the Faster-ILOD baseline and the CL-CLIP ablations on Shapes run end to end
 (two tasks, one iteration each, tiny sizes) — the configs MODEL_ZOO.md reports, as shipped."""
 import json
 import math
@@ -9,17 +9,18 @@ import pytest
 from conftest import run_tiny, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["spa_10+10", "replay_10+10", "sevpr_10+10", "seca_10+10", "secapp_10+10", "distill_10+10",
-           "clclip_spa_10+10", "clclip_replay_10+10", "clclip_sevpr_10+10", "clclip_seca_10+10",
-           "clclip_secapp_10+10", "finetune_unbiased_10+10"] + [
-    f"clclip_10+10_{a}" for a in ("no_cost_volume", "no_freeze", "no_drift", "no_orth")] + [
-    "clclip_plus_10+10"] + [f"clclip_plus_10+10_{a}" for a in ("no_shared_logits", "no_unbiased_bg", "no_distill", "no_bg_ignore")]
+CONFIGS = ["spa/spa_shapes_10+10", "replay/replay_shapes_10+10", "seca/sevpr_shapes_10+10", "seca/seca_shapes_10+10",
+           "seca/secapp_shapes_10+10", "faster_ilod/distill_shapes_10+10", "fvit/finetune_unbiased_shapes_10+10"] + [
+    f"clclip_plus/clclip_plus_{h}_shapes_10+10" for h in ("spa", "replay", "sevpr", "seca", "secapp")] + [
+    f"clclip/clclip_shapes_10+10_{a}" for a in ("no_cost_volume", "no_freeze", "no_drift", "no_orth")] + [
+    "clclip_plus/clclip_plus_shapes_10+10"] + [
+    f"clclip_plus/clclip_plus_shapes_10+10_{a}" for a in ("no_shared_logits", "no_unbiased_bg", "no_distill", "no_bg_ignore")]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_config_trains_two_tasks(name, shapes_root, tmp_path):
     cfg = tiny_cfg(str(tmp_path / name))
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Shapes", f"{name}.yaml"))
+    cfg.merge_from_file(os.path.join(REPO, "configs", f"{name}.yaml"))
     # the file's own CLIP, schedule and output folder, replaced again for the test (random tiny CLIP)
     cfg.merge_from_list(["MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(tmp_path / name),
                          "INPUT.IMAGE_SIZE", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"])

@@ -77,6 +77,18 @@ def test_predictor_matches_the_stage_evaluation(reference_run):
 
 
 # -- 2. demo ------------------------------------------------------------------------------------------
+def test_demo_takes_overrides_as_train_net_does():
+    """Overrides are positional KEY VALUE pairs, as for tools/train_net.py, wherever --input's list ends;
+    the deprecated --opts gives the same."""
+    demo = _tool("demo")
+    want = ["MODEL.WEIGHTS", "w.pth", "SOLVER.MAX_ITER=3"]
+    for argv in (["--input", "a.png", "b.png", "--output", "d"] + want,
+                 ["--output", "d", "--input", "a.png", "b.png"] + want,
+                 ["--input", "a.png", "b.png", "--output", "d", "--opts"] + want):
+        args = demo.parse_args(["--run", "o"] + argv)
+        assert (args.input, args.opts, args.output) == (["a.png", "b.png"], want, "d"), argv
+
+
 def test_demo_draws_and_lists_detections(reference_run, tmp_path):
     out, _ = reference_run
     _, dicts = _test_dicts(out)
@@ -383,9 +395,9 @@ def test_overrides_config_paths_and_coco_registration(tmp_path):
     cfg.merge_from_list(["SOLVER.MAX_ITER=7", "OUTPUT_DIR", "a=b", "SOLVER.BASE_LR", "0.5"])
     assert (cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR) == (7, "a=b", 0.5)
     with pytest.raises(ConfigError) as e:
-        resolve_config_path("configs/Shape/clclip_10+10.yaml")
-    assert "did you mean 'configs/Shapes/clclip_10+10.yaml'" in str(e.value) and "ambiguous" not in str(e.value)
-    assert resolve_config_path("configs/Shapes/clclip_10+10.yaml").endswith("clclip_10+10.yaml")
+        resolve_config_path("configs/clclp/clclip_shapes_10+10.yaml")
+    assert "did you mean 'configs/clclip/clclip_shapes_10+10.yaml'" in str(e.value) and "ambiguous" not in str(e.value)
+    assert resolve_config_path("configs/clclip/clclip_shapes_10+10.yaml").endswith("clclip_shapes_10+10.yaml")
 
     from clcl_det.data import DatasetCatalog, MetadataCatalog
     from clcl_det.data.datasets import register_coco_instances

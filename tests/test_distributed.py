@@ -112,7 +112,7 @@ def test_cli_two_processes_with_plugin(shapes_root, tmp_path):
     marks.mkdir()
     (tmp_path / "marked.py").write_text(PLUGIN)
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config", "Shapes/finetune_10+10.yaml",
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config", "fvit/finetune_shapes_10+10.yaml",
            "--num-gpus", "2", "--plugin", str(tmp_path / "marked.py"),
            "MODEL.CLS_HEAD.NAME", "MarkedTextClassifier", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple",
            "DATASETS.SHAPES.NUM_TRAIN", "24", "DATASETS.SHAPES.NUM_TEST", "12", "SOLVER.MAX_ITER", "2",

@@ -138,14 +138,14 @@ def test_cli_errors_are_one_line(tmp_path, shapes_root):
                            capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
         return r.returncode, r.stderr.strip().splitlines()
 
-    code, err = cli("--config", "Shapes/finetune_10+10.yaml", "SOLVER.MAX_ITR", "3")
+    code, err = cli("--config", "fvit/finetune_shapes_10+10.yaml", "SOLVER.MAX_ITR", "3")
     assert code == 2 and err[-1] == ("clcl_det: error: Unknown config key 'SOLVER.MAX_ITR' (command-line "
                                       "override); did you mean 'SOLVER.MAX_ITER'?") and len(err) == 1
-    code, err = cli("--config", "Shapes/finetune_10+10.yaml", "CONTINUAL.TASKS", "10+5", "MODEL.CLIP.PRETRAINED", "")
+    code, err = cli("--config", "fvit/finetune_shapes_10+10.yaml", "CONTINUAL.TASKS", "10+5", "MODEL.CLIP.PRETRAINED", "")
     assert code == 2 and "adds up to 15 classes" in err[-1] and len(err) == 1
     env_missing = str(tmp_path / "nowhere")
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config",
-                        "VOC/finetune_10+10.yaml", "MODEL.CLIP.PRETRAINED", "", "OUTPUT_DIR", str(tmp_path / "o")],
+                        "fvit/finetune_voc_10+10.yaml", "MODEL.CLIP.PRETRAINED", "", "OUTPUT_DIR", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
                        env={**os.environ, "CLCL_DATASETS": env_missing})
     last = r.stderr.strip().splitlines()[-1]

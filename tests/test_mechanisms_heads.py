@@ -274,21 +274,23 @@ def test_mechanism_faster_ilod_terms_zero_for_the_teacher_positive_when_perturbe
 
 # -- the configs without each continual part --------------------------------------------------------------
 @pytest.mark.parametrize("without_name,name,key,off", [
-    ("replay_10+10_no_replay", "replay_10+10", "MODEL.REPLAY.WEIGHT", 0.0),
-    ("spa_10+10_no_replay", "spa_10+10", "MODEL.REPLAY.WEIGHT", 0.0),
-    ("secapp_10+10_no_replay", "secapp_10+10", "MODEL.REPLAY.WEIGHT", 0.0),
-    ("sevpr_10+10_no_reg", "sevpr_10+10", "MODEL.SEVPR.REG_WEIGHT", 0.0),
-    ("sevpr_10+10", "seca_10+10", "MODEL.CONTINUAL_LOSSES", [])])  # SECA without SG-AKT is SE-VPR
-@pytest.mark.parametrize("prefix", ["", "clclip_"])
-def test_mechanism_configs_without_the_continual_part_differ_from_theirs_only_there(without_name, name, key, off,
-                                                                                       prefix):
+    ("spa/spa_shapes_10+10_no_replay", "spa/spa_shapes_10+10", "MODEL.REPLAY.WEIGHT", 0.0),
+    ("seca/sevpr_shapes_10+10_no_reg", "seca/sevpr_shapes_10+10", "MODEL.SEVPR.REG_WEIGHT", 0.0),
+    ("seca/sevpr_shapes_10+10", "seca/seca_shapes_10+10", "MODEL.CONTINUAL_LOSSES", []),  # SECA without SG-AKT
+    ("clclip_plus/clclip_plus_spa_shapes_10+10_no_replay", "clclip_plus/clclip_plus_spa_shapes_10+10",
+     "MODEL.REPLAY.WEIGHT", 0.0),
+    ("clclip_plus/clclip_plus_sevpr_shapes_10+10_no_reg", "clclip_plus/clclip_plus_sevpr_shapes_10+10",
+     "MODEL.SEVPR.REG_WEIGHT", 0.0),
+    ("clclip_plus/clclip_plus_sevpr_shapes_10+10", "clclip_plus/clclip_plus_seca_shapes_10+10",
+     "MODEL.CONTINUAL_LOSSES", [])])
+def test_mechanism_configs_without_the_continual_part_differ_from_theirs_only_there(without_name, name, key, off):
     import os
 
     from clcl_det.config import get_cfg
 
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Shapes")
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     cfgs = []
-    for n in (f"{prefix}{without_name}", f"{prefix}{name}"):
+    for n in (without_name, name):
         cfg = get_cfg()
         cfg.merge_from_file(os.path.join(folder, f"{n}.yaml"))
         cfgs.append(cfg)

@@ -99,7 +99,7 @@ def test_train_step_tiny_clip():
 
 
 def test_train_step_vit_b16():
-    cfg = setup_cfg(os.path.join(REPO, "configs", "VOC", "finetune_10+10.yaml"), [
+    cfg = setup_cfg(os.path.join(REPO, "configs", "fvit", "finetune_voc_10+10.yaml"), [
         "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "128", "MODEL.CLIP.TEMPLATES", "simple",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
@@ -126,7 +126,7 @@ def test_vocabulary_and_zero_shot_context():
         model(b)
 
 
-@pytest.mark.parametrize("config", ["VOC_10+10.yaml", "COCO/clclip_40+40.yaml"])
+@pytest.mark.parametrize("config", ["VOC_10+10.yaml", "clclip/clclip_coco_40+40.yaml"])
 def test_real_configs_build_and_detect(config):
     """The VOC/COCO method configs (ViT-B-16, random weights) build and run inference as shipped,
     at a small input size."""

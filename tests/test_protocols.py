@@ -349,7 +349,7 @@ def test_eva02_clclip_voc_config_builds_and_detects():
     from clcl_det.modeling import build_model
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = setup_cfg(os.path.join(repo, "configs", "VOC", "clclip_eva02_10+10.yaml"), [
+    cfg = setup_cfg(os.path.join(repo, "configs", "clclip", "clclip_voc_10+10_eva02.yaml"), [
         "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "64", "MODEL.CLIP.TEMPLATES", "simple",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
     assert cfg.MODEL.CLIP.ARCH == "EVA02-B-16" and cfg.CONTINUAL.TASKS == "10+10"

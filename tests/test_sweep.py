@@ -40,7 +40,9 @@ def test_sweep_runs_seeds_resumes_and_tabulates(shapes_root, tmp_path, capsys):
     assert float(row["mAP@A mean"]) == round(statistics.mean(vals), 2)
     assert float(row["mAP@A std"]) == round(statistics.stdev(vals), 2)
     md = (out / "table.md").read_text()
-    assert md.startswith("    python tools/sweep.py --out") and "| tiny | 2 |" in md
+    assert md.startswith("    python tools/sweep.py --out") and "| config | mAP@B | mAP@N | mAP@A |\n" in md
+    a = f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+    assert f"| tiny | {a} | - | {a} |" in md  # one task: its classes are the base classes
     # resume: a finished run is skipped; an unfinished one continues with --resume
     os.remove(runs[1] / "summary.json")
     os.remove(runs[1] / "task_1" / "metrics.json")
@@ -76,3 +78,17 @@ def test_base_curves_mean_and_spread_over_seeds(tmp_path):
     png = tmp_path / "base.png"
     assert sweep.write_base_plot([("a", [a0, a1])], "1+1+1", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_table_links_configs_and_gives_ablations_a_delta(tmp_path):
+    """An ablation row (`<base>_<variant>`) shows its mAP@A minus its base row's; rows link their config
+    relative to the repository root; the mean over stages appears for three tasks or more."""
+    st = lambda a: [{"mAP@A": a}, {"mAP@A": a, "mAP@B": a - 10, "mAP@N": a + 10}, {"mAP@A": a, "mAP@B": 1.0, "mAP@N": 2.0}]
+    base = [_summary(tmp_path / f"b{s}", st(60.0 + s)) for s in (0, 1)]
+    abl = [_summary(tmp_path / f"a{s}", st(50.0 + s)) for s in (0, 1)]
+    configs = {"m_x": os.path.join(REPO, "configs", "spa", "spa_shapes_10+10.yaml")}
+    md = sweep.markdown_table([("m_x", base), ("m_x_no_y", abl)], "1+1+1", configs)
+    lines = md.splitlines()
+    assert lines[0] == "| config | mAP@B | mAP@N | mAP@A | mean mAP@A over stages | Δ mAP@A |"
+    assert lines[2].startswith("| [m_x](configs/spa/spa_shapes_10+10.yaml) | 1.0 ± 0.0 | 2.0 ± 0.0 | 60.5 ± 0.7 |")
+    assert lines[3].startswith("| m_x_no_y |") and lines[3].endswith("| -10.0 vs m_x |")

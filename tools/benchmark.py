@@ -7,7 +7,7 @@
     python tools/benchmark.py train                # training iterations/s and peak memory, VOC 10+10 task 1
     python tools/benchmark.py train --iters 20 SOLVER.IMS_PER_BATCH 16 SOLVER.AMP_DTYPE bfloat16
     python tools/benchmark.py steps                # training step time of the shipped Shapes configs
-    python tools/benchmark.py steps --iters 30 --configs Shapes/clclip_10+10.yaml Shapes/finetune_10+10.yaml
+    python tools/benchmark.py steps --iters 30 --configs clclip/clclip_shapes_10+10.yaml fvit/finetune_shapes_10+10.yaml
 
 `steps` trains each config as `tools/train_net.py` would (its data, the embedded tiny CLIP, the
 trainer) for a few iterations of task 1 and of task 2 and prints the median step time of each
@@ -15,10 +15,10 @@ task and its ratio to the first config's (F-ViT fine-tuning by default); old and
 compared by running the same command in both trees.
 
 `train` runs the trainer (TaskTrainer: the config's optimizer, AMP, accumulation) of
-configs/VOC/clclip_10+10.yaml (ViT-B-16, random weights, 640 px) on random images with random boxes
+configs/clclip/clclip_voc_10+10.yaml (ViT-B-16, random weights, 640 px) on random images with random boxes
 on MODEL.DEVICE (auto: the GPU if there is one), so the same command measures a CPU or a GPU.
 
-F-ViT is configs/{VOC,COCO}/finetune_*.yaml, CL-CLIP configs/{VOC,COCO}/clclip_*.yaml (20 classes:
+F-ViT is configs/fvit/finetune_{voc,coco}_*.yaml, CL-CLIP configs/clclip/clclip_{voc,coco}_*.yaml (20 classes:
 VOC 10+10, 80: COCO 40+40), both with random ViT-B-16 weights on the same random images, each as it
 is evaluated after the last task of its split (CL-CLIP: both tasks' experts and box regressors).
 """
@@ -68,8 +68,8 @@ def clclip(args: argparse.Namespace) -> None:
         split = "10+10" if k <= 20 else "40+40"
         opts = ["INPUT.IMAGE_SIZE", str(args.size)]
         # the shipped configs of each method, so the ratio is the one a user gets
-        models = {"F-ViT": _model(f"{data}/finetune_{split}.yaml", opts, k),
-                  "CL-CLIP": _model(f"{data}/clclip_{split}.yaml", opts + list(args.opts), k)}
+        models = {"F-ViT": _model(f"fvit/finetune_{data.lower()}_{split}.yaml", opts, k),
+                  "CL-CLIP": _model(f"clclip/clclip_{data.lower()}_{split}.yaml", opts + list(args.opts), k)}
         if k == args.classes[0]:
             me = models["CL-CLIP"].roi_heads
             print(f"  CL-CLIP head: expert dim {me.experts.expert_dim}, "
@@ -157,7 +157,7 @@ def train(args: argparse.Namespace) -> None:
           f"({its * cfg.SOLVER.IMS_PER_BATCH:.2f} images/s), peak memory {peak}")
 
 
-SHAPES_STEP_CONFIGS = ["Shapes/finetune_10+10.yaml", "Shapes/clclip_10+10.yaml", "Shapes/spa_10+10.yaml"]
+SHAPES_STEP_CONFIGS = ["fvit/finetune_shapes_10+10.yaml", "clclip/clclip_shapes_10+10.yaml", "spa/spa_shapes_10+10.yaml"]
 
 
 def _config_step_times(config: str, iters: int, warmup: int, opts: List[str]) -> List[float]:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     c.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the CL-CLIP model")
     c.set_defaults(func=clclip)
     t = sub.add_parser("train", help="training iterations/s and peak memory (VOC 10+10 task 1)")
-    t.add_argument("--config", default="VOC/clclip_10+10.yaml", help="config under configs/")
+    t.add_argument("--config", default="clclip/clclip_voc_10+10.yaml", help="config under configs/")
     t.add_argument("--size", type=int, default=640)
     t.add_argument("--iters", type=int, default=10, help="timed iterations (after one warm-up iteration)")
     t.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -9,7 +9,7 @@ a round run back to back, so a shared machine's changing load cancels out).
 
     python tools/benchmark_heads.py
     python tools/benchmark_heads.py --topk 0 5 --steps 20
-    python tools/benchmark_heads.py --config-file configs/Shapes/spa_10+10.yaml --head GaussianReplay
+    python tools/benchmark_heads.py --config-file configs/spa/spa_shapes_10+10.yaml --head GaussianReplay
 """
 import argparse
 import statistics

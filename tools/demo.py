@@ -2,17 +2,21 @@
 """Run a trained model on images: each image is written with its detections drawn (boxes, class
 names, scores), and detections.json lists them.
 
-    python tools/demo.py --run output/shapes_clclip_10+10 --input a.png b.png --output demo_out
-    python tools/demo.py --run output/shapes_clclip_10+10 --task 1 --input images/ --output demo_out
-    python tools/demo.py --config-file configs/Shapes/clclip_10+10.yaml --input a.png --output demo_out \\
-        --opts MODEL.WEIGHTS output/shapes_clclip_10+10/task_2/model_final.pth
+    python tools/demo.py --run output/clclip_shapes_10+10 --input a.png b.png --output demo_out
+    python tools/demo.py --run output/clclip_shapes_10+10 --task 1 --input images/ --output demo_out
+    python tools/demo.py --config-file configs/clclip/clclip_shapes_10+10.yaml --input a.png --output demo_out \\
+        MODEL.WEIGHTS output/clclip_shapes_10+10/task_2/model_final.pth
+
+Config overrides are KEY VALUE pairs after the options, as for tools/train_net.py (`--opts` before
+them is still accepted).
 """
 import argparse
 import glob
 import json
 import os
+import re
 import sys
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 from torchvision.utils import draw_bounding_boxes
@@ -31,7 +35,7 @@ def get_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="OUTPUT_DIR", help="a run folder (its config.yaml and task_<t>/model_final.pth)")
     src.add_argument("--config-file", "--config", dest="config_file", metavar="FILE",
-                     help="a config; the weights are MODEL.WEIGHTS (set it with --opts)")
+                     help="a config; the weights are MODEL.WEIGHTS (an override)")
     p.add_argument("--task", type=int, default=-1, help="with --run: the task whose model runs (1-based; "
                    "default -1 = the last trained task)")
     p.add_argument("--input", nargs="+", required=True, metavar="IMG",
@@ -40,8 +44,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="detections below this score are dropped")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="python module or .py file to import first (user methods); repeatable")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
+    p.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=[], help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs (or KEY=VALUE), "
+                   "after the options, e.g. MODEL.WEIGHTS out/task_2/model_final.pth")
     return p
+
+
+_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+(=.*)?$")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parser's arguments, with the overrides that `--input`'s list swallowed moved to `opts`."""
+    args = get_parser().parse_args(argv)
+    first = next((i for i, x in enumerate(args.input) if _KEY.match(x)), None)
+    if first is not None:
+        args.input, args.opts = args.input[:first], args.input[first:] + list(args.opts or [])
+    args.opts = list(args.opts or []) + list(args.opts_flag or [])
+    if not args.input:
+        get_parser().error("--input needs at least one image")
+    return args
 
 
 def expand_inputs(items: List[str]) -> List[str]:
@@ -101,7 +122,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
+    args = parse_args()
     if args.run:
         from clcl_det.engine import load_plugins
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Run a list of configs x seeds, several processes at once, and tabulate them for MODEL_ZOO.md.
 
-    python tools/sweep.py --out /work/zoo/shapes_10+10 --seeds 0 1 --jobs 2 --threads 1 --split 10+10 \\
-        configs/Shapes/finetune_10+10.yaml configs/Shapes/clclip_10+10.yaml configs/Shapes/joint.yaml
+    python tools/sweep.py --out output/sweep_10+10 --seeds 0 1 --jobs 2 --threads 1 --split 10+10 \\
+        configs/fvit/finetune_shapes_10+10.yaml configs/clclip/clclip_shapes_10+10.yaml configs/fvit/joint_shapes.yaml
 
 Each (config, seed) trains with tools/train_net.py into OUT/<config name>/seed<seed> (a config
 named twice with different overrides: give it a label, `LABEL=path.yaml`). At most --jobs runs at
@@ -11,11 +11,14 @@ resumes: a run whose summary.json covers every task is skipped, a started one co
 --resume from its last checkpoint, so re-running the same command after an interruption only
 does what is left. Overrides after `--` go to every run (e.g. `-- SOLVER.MAX_ITER 200`).
 
-When all runs are done, OUT/table.md and OUT/table.csv hold one row per config: the mean and the
-sample standard deviation over its seeds of every metric tools/zoo_table.py reads from a run
-(mAP@B / mAP@N / mAP@A after the last task, mAP@A per stage), with the number of seeds. The
-markdown starts with the command that made it. `--table-only` rewrites the table from what is
-finished, without training.
+When all runs are done, OUT/table.md holds the command that made it and one row per config, the
+mean ± sample standard deviation over its seeds: mAP@B | mAP@N | mAP@A after the last task, the
+mean of mAP@A over the stages (three tasks or more) and, for a config named `<base>_<variant>`,
+its mAP@A minus the base row's. OUT/table.csv holds every metric tools/zoo_table.py reads from a
+run (each stage's mAP@A and mAP@B, each task's mAP at the end: mean, std) and OUT/base_map.png
+the first task's classes through the stages. `--table-only` rewrites them from what is finished,
+without training: MODEL_ZOO.md's tables are rewritten this way from their committed run records
+(each run's summary.json and config.yaml).
 """
 from __future__ import annotations
 
@@ -231,20 +234,61 @@ def write_base_plot(groups: List[Tuple[str, List[str]]], split: str, png_path: s
     return True
 
 
-def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, csv_path: str,
-                 cmdline: str) -> str:
-    """table.md (mean ± std over seeds, the command above it) and table.csv (mean, std, n)."""
+def _link(label: str, config: str) -> str:
+    """The row's name linked to its config, relative to the repository root (where MODEL_ZOO.md is)."""
+    rel = os.path.relpath(os.path.abspath(config), REPO)
+    return f"[{label}]({rel})" if not rel.startswith("..") else label
+
+
+def _base_row(label: str, labels: Sequence[str]) -> Optional[str]:
+    """An ablation's base row: the longest other label that, followed by '_', starts this one."""
+    bases = [x for x in labels if x != label and label.startswith(x + "_")]
+    return max(bases, key=len) if bases else None
+
+
+def markdown_table(groups: List[Tuple[str, List[str]]], split: str, configs: Dict[str, str]) -> str:
+    """One row per label, mean ± sample std over its seeds: mAP@B | mAP@N | mAP@A after the last task,
+    the mean of mAP@A over the stages when a run has three tasks or more, and, when a label extends
+    another one's (`<base>_<variant>`), its mAP@A minus the base row's."""
     columns, rows = aggregate(groups, split)
+    labels = [r["run"] for r in rows]
+    multi = any(zoo_table.row(d, split)["num_tasks"] > 2 for _, dirs in groups for d in dirs[:1])
+    bases = {r["run"]: _base_row(r["run"], labels) for r in rows}
+    seeds = max(r["seeds"] for r in rows)
+    head = ["config", "mAP@B", "mAP@N", "mAP@A"] + (["mean mAP@A over stages"] if multi else [])
+    head += ["Δ mAP@A"] if any(bases.values()) else []
     md = io.StringIO()
-    md.write(f"    {cmdline}\n\n")
-    md.write("| run | seeds | " + " | ".join(_header(c) for c in columns) + " |\n")
-    md.write("| --- | --- | " + " | ".join("---" for _ in columns) + " |\n")
+    md.write("| " + " | ".join(head) + " |\n| " + " | ".join("---" for _ in head) + " |\n")
+    mean_a = {r["run"]: _mean(r["values"].get("A", [])) for r in rows}
     for r in rows:
-        md.write(f"| {r['run']} | {r['seeds']} | " + " | ".join(_fmt(r["values"].get(c, [])) for c in columns) + " |\n")
+        name = _link(r["run"], configs.get(r["run"], "")) if r["run"] in configs else r["run"]
+        if r["seeds"] != seeds:
+            name += f" ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
+        cells = [name] + [_fmt(r["values"].get(k, [])) for k in ("B", "N", "A")]
+        if multi:
+            cells.append(_fmt(r["values"].get("mean_A", [])))
+        if "Δ mAP@A" in head:
+            base = bases[r["run"]]
+            cells.append(f"{mean_a[r['run']] - mean_a[base]:+.1f} vs {base}" if base else "")
+        md.write("| " + " | ".join(cells) + " |\n")
+    return md.getvalue()
+
+
+def _mean(values: List[Optional[float]]) -> float:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.mean(v) if v else float("nan")
+
+
+def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, csv_path: str,
+                 cmdline: str, configs: Optional[Dict[str, str]] = None) -> str:
+    """table.md (the command, then `markdown_table`) and table.csv (every metric of every stage:
+    mean, std; the seeds)."""
+    columns, rows = aggregate(groups, split)
+    text = f"    {cmdline}\n\n" + markdown_table(groups, split, configs or {})
     with open(md_path, "w") as f:
-        f.write(md.getvalue())
+        f.write(text)
     with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["run", "seeds"] + [f"{_header(c)} {s}" for c in columns for s in ("mean", "std")])
         for r in rows:
             cells = []
@@ -252,7 +296,7 @@ def write_tables(groups: List[Tuple[str, List[str]]], split: str, md_path: str, 
                 v = [x for x in r["values"].get(c, []) if x is not None and not math.isnan(x)]
                 cells += [f"{statistics.mean(v):.2f}" if v else "", f"{statistics.stdev(v):.2f}" if len(v) > 1 else ""]
             w.writerow([r["run"], r["seeds"]] + cells)
-    return md.getvalue()
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -288,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     groups = [(label, dirs) for label, dirs in groups if dirs]
     if groups:
         text = write_tables(groups, split, os.path.join(args.out, "table.md"), os.path.join(args.out, "table.csv"),
-                            cmdline)
+                            cmdline, dict(configs))
         print(text, end="")
         if write_base_plot(groups, split, os.path.join(args.out, "base_map.png")):
             print(f"[sweep] base classes per stage: {os.path.join(args.out, 'base_map.png')}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train and evaluate a whole continual task sequence (or evaluate one with --eval-only).
 
-    python tools/train_net.py --config configs/Shapes/clclip_10+10.yaml
+    python tools/train_net.py --config configs/clclip/clclip_shapes_10+10.yaml
     python tools/train_net.py --config VOC_10+10.yaml --num-gpus 8
     python tools/train_net.py --config-file X.yaml --resume
 """

@@ -5,7 +5,7 @@ B = the first task's classes, N = every class added after the first task, A = al
 convention; for two tasks: old / new). When a run has more than two tasks the table adds the
 mean of mAP@A over the stages and each task's mAP after the last stage.
 
-    python tools/zoo_table.py --split 10+10 output/shapes/finetune_10+10 output/shapes/clclip_10+10 output/shapes/joint
+    python tools/zoo_table.py --split 10+10 output/finetune_shapes_10+10 output/clclip_shapes_10+10 output/joint_shapes
 
 A run trained on one task (joint, zero-shot) is grouped by --split: B = the split's first task's
 classes, N = the rest (for zero-shot runs N is the zero-shot AP of the classes never trained).

@@ -1,9 +1,9 @@
 """Every config key, with its default and a one-line comment.
 
 The defaults are the *embedded default*: the F-ViT baseline on Shapes 10+10 with the project's
-tiny CLIP, small enough to train on two CPU cores. Method configs (configs/*/clclip_*.yaml, ...)
-switch the RoI head, classification head and continual losses; real configs (configs/VOC,
-configs/COCO) switch CLIP, data and sizes.
+tiny CLIP, small enough to train on two CPU cores. Method configs (configs/<method>/) switch the
+RoI head, classification head and continual losses; the VOC and COCO ones (configs/_base_/Base-VOC,
+Base-COCO, Base-FViT-B16) switch CLIP, data and sizes.
 This file holds the framework's keys only. A method declares its keys next to its code, in an
 `add_<method>_config(cfg)` function registered with `@register_config` (e.g. CL-CLIP's, all under
 MODEL.CLCLIP, in clcl_det/modeling/roi_heads/config.py); `get_cfg()` adds every registered

@@ -31,8 +31,8 @@ def trained_tasks(output_dir: str) -> List[int]:
 class Predictor:
     """The model after one task, on one image at a time.
 
-        predictor = Predictor.from_run("output/shapes_clclip_10+10")          # the last trained task
-        predictor = Predictor.from_run("output/shapes_clclip_10+10", task=1)  # the model after task 1
+        predictor = Predictor.from_run("output/clclip_shapes_10+10")          # the last trained task
+        predictor = Predictor.from_run("output/clclip_shapes_10+10", task=1)  # the model after task 1
         predictor = Predictor(cfg)                                            # cfg.MODEL.WEIGHTS
         out = predictor("image.jpg")   # or an RGB uint8 HxWx3 array, or a uint8 3xHxW tensor
         out["boxes"], out["scores"], out["labels"], out["class_names"]

@@ -85,8 +85,7 @@ SHAPES_SPLITS = ("train", "test", "val")  # registered splits; val = the test sp
 _JPEG_QUALITY = 90
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and downsampled (anti-aliased edges)
 # Shapes are drawn upright and unstretched: a tiny CLIP trained from scratch in minutes learns
-# upright shapes (hit rate 60 %, MODEL_ZOO.md) but stays near chance on shape when they are
-# rotated by up to 20 degrees and stretched by up to 18 % (measured with the same recipe).
+# upright shapes, but not rotated or stretched ones (the commit that set these holds the numbers).
 _MAX_ROTATION = 0.0  # radians a square, triangle or cross may be rotated by
 _MAX_LOG_ASPECT = 0.0  # log of the largest width/height stretch of a shape
 _FORMAT_VERSION = 2  # bump when the drawing changes: regenerates cached folders

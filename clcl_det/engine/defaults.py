@@ -33,7 +33,7 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         epilog=epilog or (
             "Examples:\n  tools/train_net.py --config VOC_10+10.yaml\n"
-            "  tools/train_net.py --config-file configs/Shapes/clclip_10+10.yaml SOLVER.MAX_ITER 200\n"
+            "  tools/train_net.py --config-file configs/clclip/clclip_shapes_10+10.yaml SOLVER.MAX_ITER 200\n"
             "  tools/train_net.py --config-file X.yaml --resume\n"
             "  tools/train_net.py --config-file X.yaml --num-gpus 8\n"),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -34,7 +34,7 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.MULTI_EXPERT.TRUNK_CONVS = 4  # TRUNK own: conv3x3-GN-ReLU layers at the FPN width (0 = the RoI feature itself)
     _C.MODEL.CLCLIP.MULTI_EXPERT.BOX_REG = "shared"  # shared: every class's box from the shared branch's regressor, which keeps training | task: a task's classes keep the regressor (box-head fcs + bbox_pred) as it was at their task's end, frozen with their experts (needs TRUNK box_head)
     _C.MODEL.CLCLIP.MULTI_EXPERT.BACKGROUND = "task"  # task: a background expert per task, frozen with it, closes its task's softmax | shared: the shared branch's logit closes one softmax
-    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/Base-CLCLIP-plus.yaml)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOGITS = False  # add the shared branch's class logits to the experts' (on in configs/_base_/Base-CLCLIP-plus.yaml)
     _C.MODEL.CLCLIP.MULTI_EXPERT.SHARED_CLASS_LOSS_WEIGHT = 1.0  # weight of a classification loss on the shared branch's own logits (zero-shot of later classes)
 
     _C.MODEL.CLCLIP.UNBIASED_DISTILL = CN()  # UnbiasedDistill (the distillation CL-CLIP uses): RPN + KL on [old, background], new classes counted as background
