@@ -27,16 +27,38 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from clcl_det.continual import begin_task, end_task
 from clcl_det.data.continual import Task, build_continual_split
 from clcl_det.engine import setup_cfg
+from clcl_det.engine.hooks import HookBase
 from clcl_det.modeling import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StepClock(HookBase):
+    """Each training step's wall time (before_step -> after_step: data loading is not counted) and
+    the time at its end; `sync` (e.g. torch.cuda.synchronize) runs before a step's end is read."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None):
+        self.durations: List[float] = []
+        self.ends: List[float] = []
+        self._start = 0.0
+        self._sync = sync
+
+    def before_step(self) -> None:
+        self._start = time.perf_counter()
+
+    def after_step(self) -> None:
+        if self._sync is not None:
+            self._sync()
+        now = time.perf_counter()
+        self.durations.append(now - self._start)
+        self.ends.append(now)
 
 
 def _images(n: int, size: int, seed: int = 0) -> List[Dict]:
@@ -114,7 +136,6 @@ def train(args: argparse.Namespace) -> None:
 
     from clcl_det.data.datasets import VOC_CLASSES
     from clcl_det.engine import TaskTrainer
-    from clcl_det.engine.hooks import HookBase
 
     torch.set_num_threads(args.threads)
     warmup = 1
@@ -129,21 +150,13 @@ def train(args: argparse.Namespace) -> None:
     dev = model.device
     per_step = cfg.SOLVER.IMS_PER_BATCH // cfg.SOLVER.ACCUM_STEPS
 
-    class Clock(HookBase):
-        times: List[float] = []
-
-        def after_step(self) -> None:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-    clock = Clock()
+    clock = StepClock(torch.cuda.synchronize if dev.type == "cuda" else None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TaskTrainer(cfg, model, lambda start: _train_batches(per_step, args.size, 10), tmp, hooks=[clock])
         trainer.train()
-    timed = clock.times[-1] - clock.times[warmup - 1]
+    timed = clock.ends[-1] - clock.ends[warmup - 1]
     its = args.iters / timed
     if dev.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA (max_memory_allocated)"
@@ -160,28 +173,16 @@ def train(args: argparse.Namespace) -> None:
 SHAPES_STEP_CONFIGS = ["fvit/finetune_shapes_10+10.yaml", "clclip/clclip_shapes_10+10.yaml", "spa/spa_shapes_10+10.yaml"]
 
 
-def _config_step_times(config: str, iters: int, warmup: int, opts: List[str]) -> List[float]:
-    """Median step time of each of the first two tasks of `config`, trained from scratch."""
+def _config_step_times(config: str, iters: int, warmup: int, opts: List[str], warm_cache: bool = False) -> List[float]:
+    """Median step time of each of the first two tasks of `config`, trained from scratch (with
+    `warm_cache`, each task's batches go through the model once untimed first, so the frozen
+    CLIP's feature cache holds them, as it does after a run's first epochs)."""
     import copy
     import tempfile
 
     from clcl_det.continual import ContinualRunner, lifecycle
     from clcl_det.data.build import build_train_loader
     from clcl_det.engine import TaskTrainer
-    from clcl_det.engine.hooks import HookBase
-
-    class Clock(HookBase):
-        """Wall time of each step (before_step -> after_step): data loading is not counted."""
-
-        def __init__(self) -> None:
-            self.times: List[float] = []
-            self._t0 = 0.0
-
-        def before_step(self) -> None:
-            self._t0 = time.perf_counter()
-
-        def after_step(self) -> None:
-            self.times.append(time.perf_counter() - self._t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = setup_cfg(os.path.join(REPO, "configs", config), [
@@ -197,13 +198,15 @@ def _config_step_times(config: str, iters: int, warmup: int, opts: List[str]) ->
             lifecycle.begin_task(model, task)
             model.set_teacher(teacher)
             dicts = split.task_train_dicts(runner.train_dicts(), t)
-            clock = Clock()
-            trainer = TaskTrainer(cfg, model, lambda start, d=dicts, t=t: build_train_loader(cfg, d, task=t, start_iter=start),
-                                  os.path.join(tmp, f"task_{t + 1}"), hooks=[clock])
+            data_fn = lambda start, d=dicts, t=t: build_train_loader(cfg, d, task=t, start_iter=start)  # noqa: E731
+            if warm_cache:  # the same batches once before: the frozen CLIP's outputs come from its cache
+                TaskTrainer(cfg, model, data_fn, os.path.join(tmp, f"warm_{t + 1}")).train()
+            clock = StepClock()
+            trainer = TaskTrainer(cfg, model, data_fn, os.path.join(tmp, f"task_{t + 1}"), hooks=[clock])
             trainer.train()
             lifecycle.end_task(model, task)
             model.set_teacher(None)
-            medians.append(statistics.median(clock.times[warmup:]))
+            medians.append(statistics.median(clock.durations[warmup:]))
     return medians
 
 
@@ -211,7 +214,9 @@ def steps(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     print(f"training step time (median of {args.iters} steps after {args.warmup} warm-up, data loading excluded), "
           f"{torch.get_num_threads()} threads")
-    rows = [(c, _config_step_times(c, args.iters, args.warmup, list(args.opts))) for c in args.configs]
+    if args.warm_cache:
+        print("  the timed batches were seen once before (MODEL.CLIP.FEATURE_CACHE_MB: the frozen CLIP's outputs are cached)")
+    rows = [(c, _config_step_times(c, args.iters, args.warmup, list(args.opts), args.warm_cache)) for c in args.configs]
     ref = rows[0][1]
     for config, med in rows:
         print(f"  {config:32s} " + "  ".join(
@@ -242,6 +247,8 @@ def main(argv=None) -> int:
     s.add_argument("--iters", type=int, default=20, help="timed steps per task")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps per task, first")
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s.add_argument("--warm-cache", action="store_true",
+                   help="train on each task's timed batches once before timing them (a warm feature cache)")
     s.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of every config")
     s.set_defaults(func=steps)
     args = p.parse_args(argv)
