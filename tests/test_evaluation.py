@@ -665,6 +665,11 @@ def test_zero_shot_without_detections_is_not_printed_as_zero(tmp_path):
                      zero_shot=zs({"c2": 6.0, "c3": 0.0, "c4": 0.0, "c5": 0.0}, {"c2": 9, "c3": 4, "c4": 0, "c5": 0}))
     s1 = build_stage(1, RANGES, NAMES, _pc({"c0": 85.0, "c1": 50.0, "c2": 60.0, "c3": 40.0}), "AP50", definition,
                      zero_shot=zs({"c4": 0.0, "c5": 0.0}, {"c4": 0, "c5": 0}))
+    # a class without ground truth (NaN AP, detections or not) neither counts as unscored nor hides the rest
+    no_gt = build_stage(1, RANGES, NAMES, s1["per_class"], "AP50", definition,
+                        zero_shot=zs({"c4": 0.0, "c5": float("nan")}, {"c4": 0, "c5": 3}))
+    assert no_gt["summary"]["zero_shot_note"] == "no detections scored"
+    assert summarize_stages([s0, no_gt], NAMES, RANGES)["stages"][1]["zero_shot_note"] == "no detections scored"
     s2 = build_stage(2, RANGES, NAMES, _pc({n: 50.0 for n in NAMES}), "AP50", definition)
     # scored classes: c2 6, c3 0 (scored, all wrong) -> mean 3; c4, c5 left out and named by the note
     assert s0["summary"]["zero_shot_mAP"] == 3.0

@@ -206,8 +206,9 @@ def build_stage(
               if class_names[c] in zero_shot}
         if zs:
             summary["zero_shot_mAP"] = _nanmean([_value(zs, n, key) for n in zs])
-            if _unscored(zs):
-                summary["zero_shot_note"] = _zero_shot_note(len(_unscored(zs)), len(zs))
+            if _unscored(zs):  # out of the classes with ground truth
+                with_gt = [n for n in zs if n in _unscored(zs) or not math.isnan(_value(zs, n, key))]
+                summary["zero_shot_note"] = _zero_shot_note(len(_unscored(zs)), len(with_gt))
     return {
         "task": int(t),
         "num_tasks": len(task_ranges),
@@ -328,8 +329,8 @@ def summarize_stages(
         if zs_vals:
             row["zero_shot_mAP"] = _nanmean(zs_vals)
             unscored = [c for c in g["future"] if zs_notes[class_names[c]][i] == UNSCORED]
-            if unscored:
-                row["zero_shot_note"] = _zero_shot_note(len(unscored), len(zs_vals))
+            if unscored:  # out of the classes with ground truth
+                row["zero_shot_note"] = _zero_shot_note(len(unscored), len(unscored) + sum(not math.isnan(v) for v in zs_vals))
         rows.append(row)
 
     final_groups = _groups(tasks[-1], task_ranges)
