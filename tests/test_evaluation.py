@@ -346,6 +346,8 @@ def test_voc_evaluator_matches_per_class_function_and_eval_classes():
     # 11-point: r<=.5 -> 2/3 (6 pts), r>.5 -> 2/3 (5 pts) -> 2/3; area: 1 * 2/3 = 2/3
     assert res["per_class"]["square"]["AP50"] == pytest.approx(100 * 2 / 3)
     assert res["per_class"]["square"]["AP50_area"] == pytest.approx(100 * 2 / 3)
+    # every detection of the class is counted, the one on a difficult GT too
+    assert (res["per_class"]["circle"]["detections"], res["per_class"]["square"]["detections"]) == (4, 3)
     assert res["AP50"] == pytest.approx((100 * 28 / 33 + 100 * 2 / 3) / 2)
     assert res["AP50_area"] == pytest.approx((100 * 5 / 6 + 100 * 2 / 3) / 2)
 
@@ -379,7 +381,8 @@ def test_coco_perfect_shifted_and_empty():
     res = ev.evaluate()["bbox"]
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert res[k] == pytest.approx(100), k
-    assert res["per_class"]["circle"] == {"AP": pytest.approx(100), "AP50": pytest.approx(100)}
+    assert res["per_class"]["circle"] == {"AP": pytest.approx(100), "AP50": pytest.approx(100), "detections": 1}
+    assert res["per_class"]["square"]["detections"] == 2
     assert math.isnan(res["per_class"]["star"]["AP"])
 
     # circle's box shifted to IoU .62 (GT [0,0,100,100], det [0,0,100,62]): a match at
@@ -403,6 +406,7 @@ def test_coco_perfect_shifted_and_empty():
     ev.process([{"image_id": 1}, {"image_id": 2}], [_output([], [], []), _output([], [], [])])
     res = ev.evaluate()["bbox"]
     assert res["AP"] == 0.0 and res["per_class"]["circle"]["AP50"] == 0.0
+    assert res["per_class"]["circle"]["detections"] == 0
 
 
 def test_coco_eval_classes_and_crowd():
@@ -646,6 +650,66 @@ def test_summary_partial_run_and_bad_order():
     assert summary["forgetting"]["c0"]["forgetting"] == -5.0 and summary["forgetting"]["c1"]["forgetting"] == 20.0
     with pytest.raises(ValueError, match="increasing"):
         summarize_stages(stages[::-1], NAMES, RANGES)
+
+
+def test_zero_shot_without_detections_is_not_printed_as_zero(tmp_path):
+    """A future class the model gave no detection is 'n/a (no detections scored)' in the stage table,
+    the summary's text and JSON (null + note, left out of the means), not 0.00; a class that was scored
+    and missed everything still reads 0.00."""
+    definition = describe_ap("AP50", "voc07")
+
+    def zs(values, dets):
+        return {n: {**v, "detections": dets[n]} for n, v in _pc(values).items()}
+
+    s0 = build_stage(0, RANGES, NAMES, _pc({"c0": 80.0, "c1": 70.0}), "AP50", definition,
+                     zero_shot=zs({"c2": 6.0, "c3": 0.0, "c4": 0.0, "c5": 0.0}, {"c2": 9, "c3": 4, "c4": 0, "c5": 0}))
+    s1 = build_stage(1, RANGES, NAMES, _pc({"c0": 85.0, "c1": 50.0, "c2": 60.0, "c3": 40.0}), "AP50", definition,
+                     zero_shot=zs({"c4": 0.0, "c5": 0.0}, {"c4": 0, "c5": 0}))
+    # a class without ground truth (NaN AP, detections or not) neither counts as unscored nor hides the rest
+    no_gt = build_stage(1, RANGES, NAMES, s1["per_class"], "AP50", definition,
+                        zero_shot=zs({"c4": 0.0, "c5": float("nan")}, {"c4": 0, "c5": 3}))
+    assert no_gt["summary"]["zero_shot_note"] == "no detections scored"
+    assert summarize_stages([s0, no_gt], NAMES, RANGES)["stages"][1]["zero_shot_note"] == "no detections scored"
+    s2 = build_stage(2, RANGES, NAMES, _pc({n: 50.0 for n in NAMES}), "AP50", definition)
+    # scored classes: c2 6, c3 0 (scored, all wrong) -> mean 3; c4, c5 left out and named by the note
+    assert s0["summary"]["zero_shot_mAP"] == 3.0
+    assert s0["summary"]["zero_shot_note"] == "2 of 4 classes left out: no detections scored"
+    assert s0["zero_shot"]["c4"] == {"AP50": None, "AP50_voc07": None, "AP50_area": None, "detections": 0,
+                                     "note": "no detections scored"}
+    assert s0["zero_shot"]["c3"]["AP50"] == 0.0 and "note" not in s0["zero_shot"]["c3"]
+    assert math.isnan(s1["summary"]["zero_shot_mAP"]) and s1["summary"]["zero_shot_note"] == "no detections scored"
+    table = format_stage_table(s1, NAMES)
+    assert re.search(r"\| c4 +\| zero-shot +\| n/a \(no detections scored\)", table)
+    assert "zero-shot mAP of 2 future classes: n/a (no detections scored)" in table
+    assert "detections" not in table.splitlines()[2]  # the count is not an AP column
+    t0 = format_stage_table(s0, NAMES)
+    assert re.search(r"\| c3 +\| zero-shot +\| +0\.00 \|", t0)
+    assert "zero-shot mAP of 4 future classes: 3.00 (2 of 4 classes left out: no detections scored)" in t0
+
+    for t, s in enumerate([s0, s1, s2]):
+        write_json(s, str(tmp_path / f"task_{t}" / "metrics.json"))
+    loaded = [read_json(str(tmp_path / f"task_{t}" / "metrics.json")) for t in range(3)]
+    assert loaded[1]["summary"]["zero_shot_mAP"] is None and loaded[1]["zero_shot"]["c5"]["AP50"] is None
+    summary = summarize_stages(loaded, NAMES, RANGES)
+    assert summary["stages"][1]["zero_shot_note"] == "no detections scored"
+    assert math.isnan(summary["stages"][1]["zero_shot_mAP"]) and summary["stages"][0]["zero_shot_mAP"] == 3.0
+    assert summary["zero_shot"]["c4"] == [None, None, None] and summary["zero_shot"]["c3"] == [0.0, None, None]
+    assert summary["zero_shot_notes"] == {n: ["no detections scored", "no detections scored", None] for n in ("c4", "c5")}
+    tm = summary["task_matrix"]
+    assert tm["zero_shot"][2] == [None, None, None] and tm["zero_shot"][1] == [3.0, None, None]
+    assert tm["zero_shot_notes"] == [[None] * 3, [None] * 3, ["no detections scored"] * 2 + [None]]
+    write_json(summary, str(tmp_path / "summary.json"))
+    stored = read_json(str(tmp_path / "summary.json"))
+    assert stored["stages"][1]["zero_shot_mAP"] is None and stored["stages"][1]["zero_shot_note"] == "no detections scored"
+    text = format_summary(summary)
+    assert re.search(r"2/3 +\| +58\.75 +\| +67\.50 +\| +50\.00 +\| +n/a \(no detections scored\)", text)
+    assert re.search(r"task 3 \(5-6\) +\| +\(n/a: no detections scored\) +\| +\(n/a: no detections scored\) +\| +50\.00", text)
+    assert re.search(r"\| c4 +\| +\(n/a: no detections scored\) +\| +\(n/a: no detections scored\) +\| +50\.00", text)
+    assert re.search(r"\| c3 +\| +\(0\.00\) +\| +40\.00", text)  # scored and wrong: a real 0
+    assert "(0.00)" not in re.search(r"\| c4 .*", text).group(0)
+    plot_stages(summary, str(tmp_path / "stages.png"))
+    plot_task_matrix(summary, str(tmp_path / "tasks.png"))
+    assert (tmp_path / "stages.png").read_bytes()[:8] == (tmp_path / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_describe_ap():

@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .evaluator import DetectionEvaluatorBase
+from .evaluator import NUM_DETECTIONS, DetectionEvaluatorBase
 
 __all__ = ["COCOEvaluator"]
 
@@ -29,7 +29,7 @@ class COCOEvaluator(DetectionEvaluatorBase):
 
         {"bbox": {"AP": , "AP50": , "AP75": , "APs": , "APm": , "APl": ,
                   "ap_definition": "AP@[.5:.95], COCO 101-point",
-                  "per_class": {name: {"AP": , "AP50": }}}}
+                  "per_class": {name: {"AP": , "AP50": , "detections": }}}}
 
     A metric without GT (e.g. no small objects, or a class absent from the images) is NaN.
     With no detections at all every AP with GT is 0.
@@ -128,6 +128,7 @@ class COCOEvaluator(DetectionEvaluatorBase):
             per_class[self._class_names[c]] = {
                 "AP": float(p_all[p_all > -1].mean() * 100) if (p_all > -1).any() else float("nan"),
                 "AP50": float(p_50[p_50 > -1].mean() * 100) if (p_50 > -1).any() else float("nan"),
+                NUM_DETECTIONS: self._num_detections(predictions, c),
             }
         result["per_class"] = per_class
         no_gt = [n for n, v in per_class.items() if np.isnan(v["AP"])]

@@ -22,10 +22,13 @@ as ``null``)::
       "groups": {"old": [0, ..., 9], "new": [10, ..., 19], "future": []},   # class indices
       "per_class": {"aeroplane": {"AP50": 71.2, "AP50_voc07": 71.2, "AP50_area": 73.0}, ...},
                                     # seen classes, as the evaluator returned them
-      "zero_shot": {"cow": {"AP50": 3.1, ...}, ...},   # future classes; {} if not evaluated
+      "zero_shot": {"cow": {"AP50": 3.1, ..., "detections": 41}, ...},   # future classes; {} if not
+                                    # evaluated; a class the model gave no detection has null APs
+                                    # and "note": "no detections scored" (left out of the means)
       "summary": {"mAP@B": 70.1, "mAP@N": 60.2, "mAP@A": 65.1, "zero_shot_mAP": 3.1},
                                     # B = task 0's classes, N = tasks 1..t; absent at task 0;
-                                    # zero_shot_mAP only with zero_shot
+                                    # zero_shot_mAP only with zero_shot (null, with "zero_shot_note",
+                                    # when classes had no detection scored)
       "task_mAP": [70.1, 60.2],     # mean AP of each learned task's classes (tasks 0..t)
       "task_classes": [[0, ..., 9], [10, ..., 19]],   # class indices of tasks 0..t
       "extra": {...}                # anything else the engine stores (iteration, evaluator results)
@@ -35,13 +38,16 @@ as ``null``)::
 
     {
       "metric": "AP50", "ap_definition": "...", "num_tasks": 2, "class_names": [...],
-      "stages": [{"task": 0, "mAP@A": .., "mAP@B": .., "mAP@N": .., "zero_shot_mAP": ..}, ...],
+      "stages": [{"task": 0, "mAP@A": .., "mAP@B": .., "mAP@N": .., "zero_shot_mAP": ..,
+                  "zero_shot_note": ..}, ...],   # note only where future classes had no detection
       "mean_mAP@A": mean of mAP@A over the stages,
       "task_matrix": {"tasks": ["1-10", "11-20"],     # classes of each task (1-based)
                       "mAP": [[task 0 after stage 0, after stage 1, ...], ...],   # None before learned
-                      "zero_shot": [[...], ...]},     # zero-shot mAP of a task's classes before learned
+                      "zero_shot": [[...], ...],      # zero-shot mAP of a task's classes before learned
+                      "zero_shot_notes": [[...], ...]},   # "no detections scored" where none of them was
       "per_class": {name: [AP after task 0, AP after task 1, ...]},   # None before learned
-      "zero_shot": {name: [zero-shot AP at each stage, None once learned / not evaluated]},
+      "zero_shot": {name: [zero-shot AP at each stage, None once learned / not evaluated / unscored]},
+      "zero_shot_notes": {name: ["no detections scored" where unscored, else None]},   # such classes only
       "forgetting": {name: {"best": , "best_task": , "final": , "forgetting": }},
                                     # classes learned before the final stage
       "mean_forgetting": float
@@ -57,6 +63,7 @@ import numpy as np
 from tabulate import tabulate
 
 from ..utils.checkpoint import atomic_write, atomic_write_bytes
+from .evaluator import NUM_DETECTIONS
 
 __all__ = [
     "describe_ap", "stage_metrics", "build_stage", "format_stage_table", "summarize_stages",
@@ -98,6 +105,33 @@ def _value(per_class: Mapping[str, Mapping[str, Any]], name: str, key: str) -> f
     if key not in per_class[name]:
         raise KeyError(f"per-class result of '{name}' has no '{key}' (keys: {', '.join(per_class[name])})")
     return _num(per_class[name][key])
+
+
+# why a zero-shot AP is null although the class has ground truth: the model gave it no detection,
+# so its AP (0 by definition) does not measure how the model scores it
+UNSCORED = "no detections scored"
+
+
+def _unscored_as_null(result: Mapping[str, Any]) -> Dict[str, Any]:
+    """A per-class evaluator result with its APs nulled and a note if the class had no detection."""
+    out = dict(result)
+    if out.get(NUM_DETECTIONS) != 0:
+        return out
+    aps = [k for k, v in out.items() if k != NUM_DETECTIONS and isinstance(v, (int, float)) and not math.isnan(v)]
+    if aps:
+        out.update({k: None for k in aps}, note=UNSCORED)
+    return out
+
+
+def _unscored(results: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    return [n for n, v in results.items() if v.get("note") == UNSCORED]
+
+
+def _zero_shot_note(unscored: int, evaluated: int) -> str:
+    """Why a zero-shot mean is missing or leaves classes out."""
+    if unscored == evaluated:
+        return UNSCORED
+    return f"{unscored} of {evaluated} classes left out: {UNSCORED}"
 
 
 def stage_metrics(
@@ -168,10 +202,13 @@ def build_stage(
     summary = stage_metrics(per_class, class_names, bn["base"], bn["incremental"], key)
     zs: Dict[str, Dict[str, Any]] = {}
     if zero_shot:
-        zs = {class_names[c]: dict(zero_shot[class_names[c]]) for c in groups["future"]
+        zs = {class_names[c]: _unscored_as_null(zero_shot[class_names[c]]) for c in groups["future"]
               if class_names[c] in zero_shot}
         if zs:
             summary["zero_shot_mAP"] = _nanmean([_value(zs, n, key) for n in zs])
+            if _unscored(zs):  # out of the classes with ground truth
+                with_gt = [n for n in zs if n in _unscored(zs) or not math.isnan(_value(zs, n, key))]
+                summary["zero_shot_note"] = _zero_shot_note(len(_unscored(zs)), len(with_gt))
     return {
         "task": int(t),
         "num_tasks": len(task_ranges),
@@ -190,6 +227,13 @@ def build_stage(
 def _fmt(x: Any) -> str:
     x = _num(x)
     return "nan" if math.isnan(x) else f"{x:.2f}"
+
+
+def _fmt_zero_shot(value: Any, note: Optional[str]) -> str:
+    """A zero-shot mean or AP; "n/a (no detections scored)" where nothing was scored."""
+    if note == UNSCORED:
+        return f"n/a ({UNSCORED})"
+    return _fmt(value) + (f" ({note})" if note else "")
 
 
 def _span(classes: Sequence[int]) -> str:
@@ -211,14 +255,15 @@ def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tab
     groups = stage["groups"]
     per_class, zero_shot = stage["per_class"], stage.get("zero_shot") or {}
     columns = [key] + sorted({k for v in list(per_class.values()) + list(zero_shot.values())
-                              for k in v if k != key and isinstance(v[k], (int, float, type(None)))})
+                              for k in v if k not in (key, NUM_DETECTIONS) and isinstance(v[k], (int, float, type(None)))})
     rows = []
     for group, label, source in (("old", "old", per_class), ("new", "new", per_class),
                                  ("future", "zero-shot", zero_shot)):
         for c in groups[group]:
             name = class_names[c]
             if name in source:
-                rows.append([c, name, label] + [_fmt(source[name].get(k)) for k in columns])
+                note = source[name].get("note") if group == "future" else None
+                rows.append([c, name, label] + [_fmt_zero_shot(source[name].get(k), note) for k in columns])
     t, T = stage["task"], stage["num_tasks"]
     header = (
         f"Task {t + 1}/{T} — {stage['ap_definition']} (percent); "
@@ -239,7 +284,8 @@ def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tab
     else:
         last = f"mAP@A ({key}, first task: no old classes): {_fmt(s['mAP@A'])}"
     if "zero_shot_mAP" in s:
-        last += f"; zero-shot mAP of {len(zero_shot)} future classes: {_fmt(s['zero_shot_mAP'])}"
+        last += (f"; zero-shot mAP of {len(zero_shot)} future classes: "
+                 f"{_fmt_zero_shot(s['zero_shot_mAP'], s.get('zero_shot_note'))}")
     return f"{header}\n{table}\n{last}"
 
 
@@ -263,6 +309,7 @@ def summarize_stages(
     num_stages = len(stages)
     per_class: Dict[str, List[Optional[float]]] = {n: [None] * num_stages for n in class_names}
     zero_shot: Dict[str, List[Optional[float]]] = {n: [None] * num_stages for n in class_names}
+    zs_notes: Dict[str, List[Optional[str]]] = {n: [None] * num_stages for n in class_names}
     rows: List[Dict[str, Any]] = []
     for i, stage in enumerate(stages):
         t = int(stage["task"])
@@ -277,9 +324,13 @@ def summarize_stages(
         for c in g["future"]:
             if class_names[c] in zs:
                 zero_shot[class_names[c]][i] = _value(zs, class_names[c], key)
+                zs_notes[class_names[c]][i] = zs[class_names[c]].get("note")
                 zs_vals.append(zero_shot[class_names[c]][i])
         if zs_vals:
             row["zero_shot_mAP"] = _nanmean(zs_vals)
+            unscored = [c for c in g["future"] if zs_notes[class_names[c]][i] == UNSCORED]
+            if unscored:  # out of the classes with ground truth
+                row["zero_shot_note"] = _zero_shot_note(len(unscored), len(unscored) + sum(not math.isnan(v) for v in zs_vals))
         rows.append(row)
 
     final_groups = _groups(tasks[-1], task_ranges)
@@ -301,12 +352,19 @@ def summarize_stages(
         vals = [values[c] for c in task_ranges[k]]
         return None if all(v is None for v in vals) else _null(_nanmean([_num(v) for v in vals]))
 
+    def _task_unscored(i: int, k: int) -> Optional[str]:
+        """UNSCORED where every zero-shot-evaluated class of task k at stage i had no detection."""
+        notes = [zs_notes[class_names[c]][i] for c in task_ranges[k] if class_names[c] in (stages[i].get("zero_shot") or {})]
+        return UNSCORED if notes and all(n == UNSCORED for n in notes) else None
+
     learned_m, zs_m = [], []
     for k in range(len(task_ranges)):
         learned_m.append([_task_mean([per_class[n][i] for n in class_names], k) if k <= tasks[i] else None
                           for i in range(num_stages)])
         zs_m.append([_task_mean([zero_shot[n][i] for n in class_names], k) if k > tasks[i] else None
                      for i in range(num_stages)])
+    zs_m_notes = [[_task_unscored(i, k) if k > tasks[i] else None for i in range(num_stages)]
+                  for k in range(len(task_ranges))]
 
     return {
         "metric": key,
@@ -316,13 +374,21 @@ def summarize_stages(
         "stages": rows,
         "mean_mAP@A": _nanmean([_num(r["mAP@A"]) for r in rows]),
         "task_matrix": {"tasks": [_span([c + 1 for c in r]) for r in task_ranges], "stage_tasks": tasks,
-                        "mAP": learned_m, "zero_shot": zs_m},
+                        "mAP": learned_m, "zero_shot": zs_m, "zero_shot_notes": zs_m_notes},
         "per_class": {n: [_null(v) for v in vals] for n, vals in per_class.items()},
         "zero_shot": {n: [_null(v) for v in vals] for n, vals in zero_shot.items()
-                      if any(v is not None for v in vals)},
+                      if any(v is not None for v in vals) or any(zs_notes[n])},
+        "zero_shot_notes": {n: notes for n, notes in zs_notes.items() if any(notes)},
         "forgetting": forgetting,
         "mean_forgetting": _nanmean([f["forgetting"] for f in forgetting.values()]),
     }
+
+
+def _zero_shot_cell(value: Optional[float], note: Optional[str]) -> str:
+    """A zero-shot cell of the summary's matrices: "(AP)", "(n/a: no detections scored)" or "-"."""
+    if note == UNSCORED:
+        return f"(n/a: {UNSCORED})"
+    return f"({_fmt(value)})" if value is not None else "-"
 
 
 def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
@@ -333,7 +399,8 @@ def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
     heads = ["after task", "mAP@A", "mAP@B", "mAP@N"] + (["zero-shot mAP"] if has_zs else [])
     rows = [[f"{s['task'] + 1}/{T}", _fmt(s["mAP@A"]),
              _fmt(s["mAP@B"]) if "mAP@B" in s else "-", _fmt(s["mAP@N"]) if "mAP@N" in s else "-"]
-            + ([_fmt(s["zero_shot_mAP"]) if "zero_shot_mAP" in s else "-"] if has_zs else [])
+            + ([_fmt_zero_shot(s["zero_shot_mAP"], s.get("zero_shot_note")) if "zero_shot_mAP" in s else "-"]
+               if has_zs else [])
             for s in stages]
     multi = T > 2
     parts = [
@@ -347,9 +414,10 @@ def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
         tm = summary["task_matrix"]
         heads_t = ["classes of"] + [f"after task {s['task'] + 1}" for s in stages]
         rows_t = []
+        zs_notes = tm.get("zero_shot_notes") or [[None] * len(stages) for _ in tm["tasks"]]
         for k, label in enumerate(tm["tasks"]):
-            cells = [_fmt(v) if v is not None else (f"({_fmt(z)})" if z is not None else "-")
-                     for v, z in zip(tm["mAP"][k], tm["zero_shot"][k])]
+            cells = [_fmt(v) if v is not None else _zero_shot_cell(z, note)
+                     for v, z, note in zip(tm["mAP"][k], tm["zero_shot"][k], zs_notes[k])]
             rows_t.append([f"task {k + 1} ({label})"] + cells)
         parts.append(f"Task x stage matrix: m{key} of each task's classes after each task "
                      f"(zero-shot mAP of not-yet-learned tasks in parentheses)")
@@ -361,10 +429,11 @@ def format_summary(summary: Mapping[str, Any], tablefmt: str = "github") -> str:
     for name in summary["class_names"]:
         learned = summary["per_class"][name]
         zs = summary["zero_shot"].get(name, [None] * len(stages))
-        if all(v is None for v in learned) and all(v is None for v in zs):
+        notes = summary.get("zero_shot_notes", {}).get(name, [None] * len(stages))
+        if all(v is None for v in learned) and all(v is None for v in zs) and not any(notes):
             continue
-        cells = [_fmt(v) if v is not None else (f"({_fmt(z)})" if z is not None else "-")
-                 for v, z in zip(learned, zs)]
+        cells = [_fmt(v) if v is not None else _zero_shot_cell(z, note)
+                 for v, z, note in zip(learned, zs, notes)]
         f = summary["forgetting"].get(name)
         matrix.append([name] + cells + [_fmt(f["forgetting"]) if f else "-"])
     parts.append(f"Per-class {key} after each task (zero-shot AP of not-yet-learned classes in parentheses)")
@@ -394,6 +463,11 @@ def plot_stages(summary: Mapping[str, Any], path: str) -> None:
         ys = [_num(s.get(name)) for s in stages]
         if any(not math.isnan(y) for y in ys):
             ax.plot(x, ys, style, label=label)
+    for xi, s in zip(x, stages):  # a zero-shot mean that is missing because nothing was scored
+        if s.get("zero_shot_note") == UNSCORED:
+            ax.annotate(f"zero-shot:\nn/a ({UNSCORED})", (xi, 0.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=6,
+                        color="grey")
     ax.set_xlabel("after task")
     ax.set_ylabel(f"m{summary['metric']} (%)")
     ax.set_xticks(x)
@@ -413,6 +487,7 @@ def plot_task_matrix(summary: Mapping[str, Any], path: str) -> None:
     tm = summary["task_matrix"]
     learned = np.array([[_num(v) for v in row] for row in tm["mAP"]], dtype=float)
     zs = np.array([[_num(v) for v in row] for row in tm["zero_shot"]], dtype=float)
+    zs_notes = tm.get("zero_shot_notes") or [[None] * len(row) for row in tm["zero_shot"]]
     n_tasks, n_stages = learned.shape
     fig = Figure(figsize=(1.2 + 0.9 * n_stages, 1.0 + 0.5 * n_tasks), dpi=100)
     FigureCanvasAgg(fig)
@@ -425,6 +500,8 @@ def plot_task_matrix(summary: Mapping[str, Any], path: str) -> None:
                         color="white" if learned[k, i] < 60 else "black")
             elif not math.isnan(zs[k, i]):
                 ax.text(i, k, f"({zs[k, i]:.1f})", ha="center", va="center", fontsize=6, color="grey")
+            elif zs_notes[k][i] == UNSCORED:
+                ax.text(i, k, "(n/a: no\ndetections)", ha="center", va="center", fontsize=5, color="grey")
     ax.set_xticks(range(n_stages))
     ax.set_xticklabels([str(t + 1) for t in tm.get("stage_tasks", range(n_stages))])
     ax.set_yticks(range(n_tasks))

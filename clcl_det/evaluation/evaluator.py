@@ -21,7 +21,7 @@ from torch import nn
 from ..utils import comm
 
 __all__ = [
-    "DatasetEvaluator", "DatasetEvaluators", "DetectionEvaluatorBase", "inference_on_dataset",
+    "DatasetEvaluator", "DatasetEvaluators", "DetectionEvaluatorBase", "inference_on_dataset", "NUM_DETECTIONS",
     "inference_context",
 ]
 
@@ -191,6 +191,11 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+# per-class key of the box evaluators' results: how many detections of the class were evaluated
+# (0 = the model scored nothing for it, so its AP says nothing about how well it scores the class)
+NUM_DETECTIONS = "detections"
+
+
 class DetectionEvaluatorBase(DatasetEvaluator):
     """Shared part of the box evaluators: ground truth from dataset dicts, per-image predictions.
 
@@ -296,6 +301,11 @@ class DetectionEvaluatorBase(DatasetEvaluator):
                 "scores": scores[mask],
                 "labels": labels[mask].astype(np.int32),
             }
+
+    @staticmethod
+    def _num_detections(predictions: Dict[Any, Dict[str, np.ndarray]], c: int) -> int:
+        """Detections of class `c` over all processed images."""
+        return int(sum(np.count_nonzero(p["labels"] == c) for p in predictions.values()))
 
     def _gather_predictions(self) -> Optional[Dict[Any, Dict[str, np.ndarray]]]:
         """All ranks' predictions merged on the main process (``None`` elsewhere); collective."""

@@ -21,7 +21,7 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .evaluator import DetectionEvaluatorBase
+from .evaluator import NUM_DETECTIONS, DetectionEvaluatorBase
 
 __all__ = [
     "AP_METHODS", "voc_ap", "box_iou_np", "match_detections", "precision_recall",
@@ -170,7 +170,8 @@ class PascalVOCEvaluator(DetectionEvaluatorBase):
 
         {"bbox": {"AP50": headline mAP, "AP50_voc07": ..., "AP50_area": ...,
                   "ap_method": "voc07", "ap_definition": "AP50, VOC07 11-point",
-                  "per_class": {name: {"AP50": headline, "AP50_voc07": ..., "AP50_area": ...}}}}
+                  "per_class": {name: {"AP50": headline, "AP50_voc07": ..., "AP50_area": ...,
+                                       "detections": number of the class's detections}}}}
 
     (``AP50`` stands for ``AP{100*iou_thresh}``.) Only `eval_classes` are reported; a class
     without a non-difficult GT in the evaluated images gets NaN and is left out of the means.
@@ -224,6 +225,7 @@ class PascalVOCEvaluator(DetectionEvaluatorBase):
             per_class[self._class_names[c]] = {
                 prefix: aps[self._ap_method],
                 **{f"{prefix}_{m}": aps[m] for m in AP_METHODS},
+                NUM_DETECTIONS: self._num_detections(predictions, c),
             }
 
         no_gt = [name for name, v in per_class.items() if np.isnan(v[prefix])]

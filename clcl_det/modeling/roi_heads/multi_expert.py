@@ -6,6 +6,7 @@ background expert frozen with its task (or, as an option, from the shared branch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -400,20 +401,32 @@ class MultiExpertRoIHeads(FViTRoIHeads):
                 targets: Optional[List[Dict[str, Tensor]]] = None,
                 seeds: Optional[Sequence[Optional[int]]] = None) -> Tuple[Any, Dict[str, Any]]:
         """The F-ViT head's forward; in training, plus the shared branch's own classification
-        loss (`loss_cls_shared`): its embedding scores the classes that have no expert yet."""
+        loss (`loss_cls_shared`): its embedding scores the classes that have no expert yet. In that
+        loss an unlabelled object of an earlier task's class may be background or its class: the
+        shared branch never scores those classes, and a plain cross-entropy would teach it that every
+        object but the current task's is background, which then outscores every class without an
+        expert (their detections fall below the score threshold)."""
         result, out = super().forward(features, proposals, ctx, targets, seeds)
         if self.training and self.shared_class_loss_weight > 0 and "shared_logits" in out:
+            if ctx.task is not None:  # earlier tasks' objects: background or their class (unbiased background)
+                ctx = dataclasses.replace(ctx, background_absorbs=max(ctx.background_absorbs, ctx.task.start))
             loss = self.cls_head.losses(out["shared_logits"], out["labels"], out["embeddings"], ctx)["loss_cls"]
             result["loss_cls_shared"] = self.shared_class_loss_weight * loss
         return result, out
 
     def foreground_probabilities(self, out: Dict[str, Tensor], ctx: HeadContext) -> Tensor:
         """R x K: with per-task backgrounds, a class's probability is the softmax over its own
-        task's logits and that task's background; classes without an expert take the shared
-        branch's softmax (zero-shot)."""
-        if "task_bg_logits" not in out:
-            return super().foreground_probabilities(out, ctx)
+        task's logits and that task's background. Classes without an expert take the shared
+        branch's own softmax (zero-shot) with either background: a softmax that also holds the
+        experts' logits (summed with the shared ones under SHARED_CLASS_LOGITS) would compare
+        them with logits of another scale."""
         K = ctx.num_classes
+        if "task_bg_logits" not in out:
+            probs = super().foreground_probabilities(out, ctx)
+            E = min(self.experts.num_experts, K)
+            if E == K or "shared_logits" not in out:
+                return probs
+            return torch.cat([probs[:, :E], out["shared_logits"].softmax(dim=-1)[:, E:K]], dim=1)
         probs = out["shared_logits"].softmax(dim=-1)[:, :K].clone()
         bg = out["task_bg_logits"]
         for t, (a, b) in enumerate(self.task_ranges(K)):
