@@ -17,7 +17,7 @@ TINY_3_TASKS = {"CONTINUAL.TASKS": "10+1+9", "CONTINUAL.TRAIN_TASKS": 2, "SOLVER
                 "SOLVER.BASE_LR": 0.005, "SOLVER.WARMUP_ITERS": 0, "MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM": 4}
 
 
-@pytest.mark.parametrize("config", ["clclip_15+1x5.yaml", "clclip_plus_15+1x5.yaml"])
+@pytest.mark.parametrize("config", ["clclip/clclip_shapes_15+1x5.yaml", "clclip_plus/clclip_plus_shapes_15+1x5.yaml"])
 def test_classes_without_an_expert_are_scored_after_every_task(config, shapes_root, tmp_path):
     """After tasks 1 and 2 of a 3-task run, task 3's classes get detections on the test images (scores
     above the score threshold, so non-zero) and a finite zero-shot AP: the shared branch still scores
@@ -25,7 +25,7 @@ def test_classes_without_an_expert_are_scored_after_every_task(config, shapes_ro
     text embeddings say little, so only some of them are scored.)"""
     out = str(tmp_path / "run")
     cfg = tiny_cfg(out)
-    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "Shapes", config))
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", config))
     cfg.merge_from_list(tiny_run_overrides({"OUTPUT_DIR": out, **TINY_3_TASKS}))
     run_tiny(cfg)
     split = build_continual_split(cfg)
