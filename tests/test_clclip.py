@@ -120,6 +120,10 @@ def test_drift_zero_for_identical_teacher_and_grows_with_perturbation():
     model.train()
     teacher = copy.deepcopy(model).eval()
     assert teacher.clip is model.clip, "teachers share the frozen CLIP"
+    assert teacher.backbone.encoder is model.backbone.encoder and teacher.backbone.encoder.visual is model.clip.visual
+    ptrs = lambda m: {t.data_ptr() for t in (*m.parameters(), *m.buffers())}  # noqa: E731
+    assert ptrs(teacher.backbone.encoder) <= ptrs(model.clip), "the teacher allocated its own CLIP image tower"
+    assert not ptrs(teacher) & ptrs(model), "the teacher's trainable part is its own copy"
     drift = {"feature": FPNDrift(mode="feature", weight=1.0), "param": FPNDrift(mode="param", weight=1.0)}
     values = {}
     for eps in (0.0, 1e-3, 1e-2):
