@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
@@ -24,7 +24,7 @@ from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .hooks import CallbackHook, HookBase
 
 __all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule",
-           "unused_parameters"]
+           "unused_parameters", "amp_settings", "eval_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,19 @@ def _amp_dtype(cfg: Any) -> torch.dtype:
     return getattr(torch, name)
 
 
+def amp_settings(cfg: Any, device: torch.device) -> Tuple[bool, torch.dtype]:
+    """Whether training on `device` runs under autocast, and to which dtype: SOLVER.AMP with
+    float16 on CUDA only, bfloat16 on CUDA and CPU."""
+    dtype = _amp_dtype(cfg)
+    return bool(cfg.SOLVER.AMP) and (device.type == "cuda" or dtype == torch.bfloat16), dtype
+
+
+def eval_autocast(cfg: Any, device: torch.device) -> Any:
+    """The autocast context evaluation runs in: the training one when TEST.AMP, else none."""
+    enabled, dtype = amp_settings(cfg, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled and bool(cfg.TEST.AMP))
+
+
 class _ScalerState:
     """The trainer's GradScaler as a checkpointable: its state (empty when fp16 scaling is off) is
     saved, and restored into an enabled scaler, so an fp16 resume keeps its loss scale."""
@@ -159,9 +172,7 @@ class TaskTrainer:
         self.periodic = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=None,
                                              max_to_keep=2, file_prefix="model")
         self.device = getattr(model, "device", torch.device("cpu"))
-        self.amp_dtype = _amp_dtype(cfg)
-        # fp16 autocast on CUDA only; bf16 autocast on CUDA and CPU
-        self.use_amp = bool(cfg.SOLVER.AMP) and (self.device.type == "cuda" or self.amp_dtype == torch.bfloat16)
+        self.use_amp, self.amp_dtype = amp_settings(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
                                            and self.device.type == "cuda")
         self.accum = int(cfg.SOLVER.ACCUM_STEPS)
