@@ -267,7 +267,7 @@ def test_checkpointed_expert_chunks_in_training_equal_one_pass(topk, monkeypatch
                 {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     one_loss, one_grad = step()
-    monkeypatch.setattr(me, "_MAX_PATHWAY_ELEMENTS", 1)  # one RoI per chunk
+    monkeypatch.setattr(me, "_MAX_GATHERED_ELEMENTS", 1)  # one RoI per chunk
     chunks = model.roi_heads._roi_chunks(torch.zeros(5, 4, 7, 7), 3, topk > 0)
     assert len(chunks) == (5 if topk else 1) and all(c for _, c in chunks) == bool(topk)
     loss, grad = step()

@@ -30,6 +30,7 @@ BACKGROUNDS = ("task", "shared")
 TRUNKS = ("box_head", "own")
 BOX_REGS = ("shared", "task")
 _MAX_PATHWAY_ELEMENTS = 2**21  # expert-conv chunk bound on a CPU: 8 MB of float32 pathway inputs (cache-sized); a GPU's: chunk_elements
+_MAX_GATHERED_ELEMENTS = 2**28  # training with per-RoI classes on a CPU: pathway + gathered weight elements per chunk (a memory bound)
 
 
 class ExpertChunk(nn.Module):
@@ -336,7 +337,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         R = len(pooled)
         C, E = self.experts.in_channels, self.experts.expert_dim
         per_roi = S * (pooled[0].numel() + (E * (C + E) * 9 if gathered else 0))
-        step = max(1, chunk_elements(pooled.device, _MAX_PATHWAY_ELEMENTS) // per_roi)
+        budget = _MAX_GATHERED_ELEMENTS if self.training else _MAX_PATHWAY_ELEMENTS
+        step = max(1, chunk_elements(pooled.device, budget) // per_roi)
         if step >= R or (self.training and not gathered):
             return [(slice(0, R), False)]
         return [(slice(i, i + step), self.training and torch.is_grad_enabled()) for i in range(0, R, step)]
