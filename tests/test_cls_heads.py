@@ -171,6 +171,14 @@ def test_spa_logits_match_a_per_pair_computation():
                             torch.full((C.shape[1],), 1 / C.shape[1], dtype=torch.float64), C, 0.1, stopThr=1e-10)
             ref[r, c] += 1.0 - float((T * C).sum())
     torch.testing.assert_close(logits, tau * (det + ref), atol=1e-5 * tau, rtol=0)
+    # every class (TOPK 0) takes another path to the costs: the top-3 pairs' scores are the same
+    with torch.no_grad():
+        patches_p = F.normalize(head.project(head.roi_patches(ctx, rois)), dim=-1)
+        bank = head.bank(head.class_names(ctx))
+        top3 = spa[:, :10].topk(3, dim=1).indices
+        s_top = head.ot_scores(patches_p, bank, top3)
+        s_all = head.ot_scores(patches_p, bank, torch.arange(10).expand(3, 10))
+    torch.testing.assert_close(s_top.gather(1, top3), s_all.gather(1, top3), atol=1e-6, rtol=0)
     head.pairs_per_call = 2  # several POT calls, a RoI's pairs split across them
     with torch.no_grad():
         torch.testing.assert_close(head(x, ctx, rois), tau * (det + ref), atol=1e-5 * tau, rtol=0)

@@ -291,14 +291,15 @@ class SPAHead(TextClassifier):
     def ot_scores(self, patches: Tensor, bank: DescriptionBank, classes: Tensor) -> Tensor:
         """s^OT (R x K, 0 outside the pairs of `classes`, R x k class indices): 1 - <T*, 1 - cos(selected
         patches, S_c)>. The RoIs' pairs are solved together, in RoI chunks of `pairs_per_call` pairs
-        (0: as many as keep the temporaries within the device's budget, `chunk_elements`); each RoI's
-        patch-token cosines come from one matmul against every class's tokens, so there is no loop
-        over classes and no host sync. Differentiable in `patches` (envelope gradient)."""
+        (0: as many as keep the temporaries within the device's budget, `chunk_elements`); the
+        patch-token cosines of all pairs come from one batched product against every class's tokens,
+        so there is no loop over classes and no host sync. Differentiable in `patches` (envelope
+        gradient)."""
         R, P, D = patches.shape
         K, L = bank.token_mask.shape
         J, k = bank.sentences.shape[1], classes.shape[1]
         n = min(self.num_patches, P)
-        per_roi = P * K * (J + L) + 4 * k * n * L  # similarities, then the cost, plan and solver temporaries
+        per_roi = P * K * (J + L) + 4 * k * n * L  # similarities (at most), then the cost, plan and solver temporaries
         rois = max(1, self.pairs_per_call // k if self.pairs_per_call
                    else chunk_elements(patches.device, _PAIR_BUDGET) // per_roi)
         sentences, tokens = bank.sentences.reshape(K * J, D), bank.tokens.reshape(K * L, D)
@@ -310,9 +311,13 @@ class SPAHead(TextClassifier):
                 sim = (p @ sentences.t()).view(B, P, K, J)
                 sim = sim.masked_fill(~bank.sentence_mask, float("-inf")).amax(dim=-1)  # B x P x K
                 idx = sim.gather(2, cls[:, None, :].expand(B, P, k)).topk(n, dim=1).indices  # B x n x k
+            if k == K:  # every class, in order: the chosen patches against their class's tokens
+                chosen = p.gather(1, idx.transpose(1, 2).reshape(B, k * n, 1).expand(-1, -1, D)).view(B, k, n, D)
+                cos = torch.einsum("bknd,kld->bknl", chosen, bank.tokens).float()  # OT in float32 under autocast
+            else:  # per-RoI classes: every patch against every class's tokens, then the pairs' entries
                 where = (idx * K + cls[:, None, :]).transpose(1, 2).reshape(B, k * n, 1).expand(-1, -1, L)
-            cos = (p @ tokens.t()).float().view(B, P * K, L)  # the OT in float32, also under autocast
-            cost = 1.0 - cos.gather(1, where).view(B * k, n, L)
+                cos = (p @ tokens.t()).float().view(B, P * K, L).gather(1, where)
+            cost = 1.0 - cos.reshape(B * k, n, L)
             _, value = solve_ot_batch(cost, bank.token_mask[cls.reshape(-1)], self.epsilon, self.ot_method,
                                       self.ot_max_iter, self.ot_tol)
             values.append(1.0 - value.view(B, k))
