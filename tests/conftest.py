@@ -9,6 +9,15 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _cudnn_defaults():
+    """default_setup turns cuDNN benchmark mode on for non-deterministic runs; a test must not
+    inherit it (on CUDA it would break the next test's bit-identity checks)."""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """A small Shapes dataset (24 train / 12 test images) generated once per session."""

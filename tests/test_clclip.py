@@ -120,6 +120,10 @@ def test_drift_zero_for_identical_teacher_and_grows_with_perturbation():
     model.train()
     teacher = copy.deepcopy(model).eval()
     assert teacher.clip is model.clip, "teachers share the frozen CLIP"
+    assert teacher.backbone.encoder is model.backbone.encoder and teacher.backbone.encoder.visual is model.clip.visual
+    ptrs = lambda m: {t.data_ptr() for t in (*m.parameters(), *m.buffers())}  # noqa: E731
+    assert ptrs(teacher.backbone.encoder) <= ptrs(model.clip), "the teacher allocated its own CLIP image tower"
+    assert not ptrs(teacher) & ptrs(model), "the teacher's trainable part is its own copy"
     drift = {"feature": FPNDrift(mode="feature", weight=1.0), "param": FPNDrift(mode="param", weight=1.0)}
     values = {}
     for eps in (0.0, 1e-3, 1e-2):
@@ -208,6 +212,70 @@ def test_chunked_expert_inference_equals_one_pass(topk, monkeypatch):
         assert len(a["boxes"]) > 0
         for k in ("boxes", "scores", "labels"):
             torch.testing.assert_close(a[k], b[k])
+
+
+def test_topk_experts_have_no_loop_over_classes(monkeypatch):
+    """Per-RoI top-k classes: the same number of conv / matmul calls for 5 or 12 experts, and no
+    host read of a class list (tolist, item, unique, nonzero) on the way."""
+    calls = {"conv2d": 0, "baddbmm": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    def run(K):
+        torch.manual_seed(0)
+        bank = ExpertBank(in_channels=6, expert_dim=3, embed_dim=5, temperature=10.0, pool_size=7)
+        bank.add(K)
+        idx = torch.stack([torch.randperm(K)[:3] for _ in range(4)])
+        x = torch.randn(4, 3, 6, 7, 7)
+        before = dict(calls)
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "conv2d", counted("conv2d", F.conv2d))
+            mp.setattr(torch, "baddbmm", counted("baddbmm", torch.baddbmm))
+            for name in ("tolist", "item", "unique", "nonzero"):
+                mp.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in the top-k path"))
+            bank(x, idx)
+        return {k: calls[k] - before[k] for k in calls}
+
+    few, many = run(5), run(12)
+    assert few == many and few["conv2d"] == 2 and few["baddbmm"] == 1
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_checkpointed_expert_chunks_in_training_equal_one_pass(topk, monkeypatch):
+    """With top-k, training runs the expert convs in checkpointed RoI chunks when they exceed the
+    device budget: the losses and every gradient equal those of one pass."""
+    import clcl_det.modeling.roi_heads.multi_expert as me
+    from conftest import two_box_batch
+
+    cfg = clclip_cfg(**{"MODEL.CLCLIP.MULTI_EXPERT.TOPK": topk, "INPUT.IMAGE_SIZE": 64,
+                        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16, "MODEL.RPN.POST_NMS_TOPK_TRAIN": 50})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    task = Task(0, 0, 6, NAMES[:6], NAMES[:6])
+    begin_task(model, task)
+    batch = two_box_batch(task, 2, 0)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        losses = model(batch)
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    one_loss, one_grad = step()
+    monkeypatch.setattr(me, "_MAX_GATHERED_ELEMENTS", 1)  # one RoI per chunk
+    chunks = model.roi_heads._roi_chunks(torch.zeros(5, 4, 7, 7), 3, topk > 0)
+    assert len(chunks) == (5 if topk else 1) and all(c for _, c in chunks) == bool(topk)
+    loss, grad = step()
+    assert one_grad.keys() == grad.keys() and any("experts" in n for n in grad)
+    for k in one_loss:
+        torch.testing.assert_close(loss[k], one_loss[k], rtol=1e-5, atol=1e-6)
+    for n in one_grad:
+        torch.testing.assert_close(grad[n], one_grad[n], rtol=1e-4, atol=1e-6)
 
 
 def test_unbiased_background_loss_matches_probability_sums():

@@ -95,6 +95,38 @@ def test_batched_ot_equals_pot_single_problems_and_has_uniform_marginals(method)
     torch.testing.assert_close(plan32.sum(1), m32 / m32.sum(1, keepdim=True), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["sinkhorn", "log_sinkhorn"])
+def test_no_grad_ot_has_the_value_and_gradient_of_autograd_through_sinkhorn(method):
+    """The plan is solved without autograd; value and gradient equal POT's solver run with autograd
+    through every iteration (plan detached at the end), and autograd saves no iteration's tensors."""
+    g = torch.Generator().manual_seed(5)
+    p = F.normalize(torch.randn(12, 16, 32, generator=g, dtype=torch.float64), dim=-1)
+    t = F.normalize(torch.randn(12, 30, 32, generator=g, dtype=torch.float64), dim=-1)
+    mask = torch.arange(30)[None] < torch.randint(3, 31, (12, 1), generator=g)
+    w = torch.randn(12, generator=g, dtype=torch.float64)
+
+    def saving(fn):  # runs fn, counting the tensors autograd saves for the backward pass meanwhile
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            out = fn()
+        return out, len(saved)
+
+    p_ref = p.clone().requires_grad_(True)
+    cost = (1.0 - p_ref @ t.transpose(1, 2)).masked_fill(~mask[:, None, :], 0.0)
+    b = mask.double() / mask.sum(1, keepdim=True)
+    ref, n_ref = saving(lambda: ot.solve_batch(cost, reg=0.1, b=b, method=method, max_iter=100, tol=1e-5,
+                                               grad="envelope").value_linear)
+    (ref * w).sum().backward()
+    p_new = p.clone().requires_grad_(True)
+    (_, value), n_new = saving(lambda: solve_ot_batch(1.0 - p_new @ t.transpose(1, 2), mask, 0.1, method,
+                                                      max_iter=100, tol=1e-5))
+    (value * w).sum().backward()
+    torch.testing.assert_close(value, ref.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(p_new.grad, p_ref.grad, atol=1e-12, rtol=0)
+    assert n_ref > 50  # autograd through POT keeps tensors of every Sinkhorn iteration
+    assert n_new <= 4  # the matmul and <T, C>
+
+
 def test_ot_method_choice():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert ot_method_for("auto", 0.1, cpu) == "sinkhorn" and ot_method_for("auto", 0.01, cpu) == "log_sinkhorn"
@@ -139,6 +171,14 @@ def test_spa_logits_match_a_per_pair_computation():
                             torch.full((C.shape[1],), 1 / C.shape[1], dtype=torch.float64), C, 0.1, stopThr=1e-10)
             ref[r, c] += 1.0 - float((T * C).sum())
     torch.testing.assert_close(logits, tau * (det + ref), atol=1e-5 * tau, rtol=0)
+    # every class (TOPK 0) takes another path to the costs: the top-3 pairs' scores are the same
+    with torch.no_grad():
+        patches_p = F.normalize(head.project(head.roi_patches(ctx, rois)), dim=-1)
+        bank = head.bank(head.class_names(ctx))
+        top3 = spa[:, :10].topk(3, dim=1).indices
+        s_top = head.ot_scores(patches_p, bank, top3)
+        s_all = head.ot_scores(patches_p, bank, torch.arange(10).expand(3, 10))
+    torch.testing.assert_close(s_top.gather(1, top3), s_all.gather(1, top3), atol=1e-6, rtol=0)
     head.pairs_per_call = 2  # several POT calls, a RoI's pairs split across them
     with torch.no_grad():
         torch.testing.assert_close(head(x, ctx, rois), tau * (det + ref), atol=1e-5 * tau, rtol=0)

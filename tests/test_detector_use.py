@@ -18,6 +18,7 @@ from clcl_det.continual import Predictor
 from clcl_det.continual.predictor import trained_tasks
 from clcl_det.engine import HookBase, TaskTrainer, auto_scale_schedule
 from clcl_det.engine.trainer import build_optimizer, unused_parameters
+from clcl_det.utils.checkpoint import load_checkpoint_file
 from clcl_det.utils.errors import run_cli
 
 from conftest import final_state, run_tiny, same_state, tiny_cfg
@@ -313,8 +314,35 @@ def test_hooks_are_called_around_every_step(tmp_path):
 
 def test_find_unused_parameters_probe():
     model = _Toy()
+    rng = torch.get_rng_state()
     assert unused_parameters(model, _toy_data(4)) == ["dead.weight", "dead.bias"]
     assert all(p.grad is None for p in model.parameters())
+    # under autocast like a training step (bf16 here), the RNG state restored
+    assert unused_parameters(model, _toy_data(4), torch.bfloat16) == ["dead.weight", "dead.bias"]
+    assert model.dtypes == [torch.float32, torch.bfloat16] and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    """The fp16 loss scale and its growth tracker are saved with the periodic checkpoint and
+    restored on resume (a resume that restarted the scale would skip steps to find it again);
+    a checkpoint without scaling leaves a fresh scaler as it is."""
+    model, tr = _train_toy(tmp_path, accum=1, per_batch=8)
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7)  # fp16 scaling, as on a GPU
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    tr.scaler.scale(model(_toy_data(4))["loss_mse"]).backward()
+    tr.scaler.step(opt)
+    tr.scaler.update()  # a finite step: the growth tracker counts it
+    path = tr.checkpointer.save("model_0000004", iteration=4)
+    fresh = TaskTrainer(tr.cfg, model, lambda s: iter(()), tr.output_dir)
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    fresh.resume(path)
+    assert fresh.start_iter == 5
+    assert fresh.scaler.get_scale() == 2.0 ** 7 and fresh.scaler.state_dict()["_growth_tracker"] == 1
+    _, off = _train_toy(tmp_path / "off", accum=1, per_batch=8)  # fp32: an empty scaler state
+    off_path = off.checkpointer.save("model_0000004", iteration=4)
+    assert load_checkpoint_file(off_path)["scaler"] == {}
+    fresh.resume(off_path)
+    assert fresh.scaler.get_scale() == 2.0 ** 7
 
 
 def test_schedule_scales_with_the_batch():

@@ -123,3 +123,58 @@ def test_cli_two_processes_with_plugin(shapes_root, tmp_path):
     assert len(os.listdir(marks)) >= 2, "the plugin must be imported in every worker process"
     assert os.path.isfile(out / "task_2" / "metrics.json") and os.path.isfile(out / "log.txt.rank1")
     assert "summary of 2 stage(s)" in r.stdout
+
+
+def _nan_worker(out_dir):
+    """Rank 1's loss turns NaN at iteration 1; every rank records the error it stops with."""
+    import json
+    import time
+
+    from clcl_det.utils import comm
+
+    rank = comm.get_rank()
+    cfg = tiny_cfg(out_dir)
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"])
+    from clcl_det.continual import ContinualRunner
+    from clcl_det.data import build_train_loader
+    from clcl_det.engine import TaskTrainer, default_setup
+
+    cfg.freeze()
+    default_setup(cfg)
+    runner = ContinualRunner(cfg)
+    runner._begin_task(0)
+    dicts = runner.split.task_train_dicts(runner.train_dicts(), 0)
+    calls = {"n": 0}
+
+    def poison(module, inputs, losses):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:  # the probe's forward, iteration 0, then iteration 1
+            losses = {k: v * float("nan") if k == "loss_cls" else v for k, v in losses.items()}
+        return losses
+
+    runner.model.register_forward_hook(poison)
+    trainer = TaskTrainer(cfg, runner.model, lambda s: build_train_loader(cfg, dicts, task=0, start_iter=s),
+                          os.path.join(out_dir, "nan"))
+    start = time.perf_counter()
+    try:
+        trainer.train()
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        result = {"error": type(e).__name__, "message": str(e), "iter": trainer.iter}
+    result["seconds"] = time.perf_counter() - start
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(shapes_root, tmp_path):
+    """A NaN on rank 1 only: both ranks raise the same NonFiniteLossError naming rank 1, at the same
+    iteration, before any backward pass could leave rank 0 waiting in DDP's all-reduce."""
+    import json
+
+    launch(_nan_worker, 2, args=(str(tmp_path),))
+    res = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for r in res:
+        assert r["error"] == "NonFiniteLossError", r
+        assert r["iter"] == 1 and "loss_cls" in r["message"] and "on rank 1" in r["message"], r
+        assert "on rank 0" not in r["message"] and r["seconds"] < 60, r
+    assert "loss_cls=nan on rank 1" in res[1]["message"]  # the rank that saw it gives the value

@@ -150,3 +150,55 @@ def test_cli_errors_are_one_line(tmp_path, shapes_root):
                        env={**os.environ, "CLCL_DATASETS": env_missing})
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "CLCL_DATASETS" in last and env_missing in last
+
+
+def test_evaluation_runs_under_the_training_autocast_with_close_detections():
+    """SOLVER.AMP (bf16, which autocasts on a CPU too): evaluation runs under the same autocast
+    unless TEST.AMP is off, and its best detections are those of fp32 within bf16 precision."""
+    import torch
+    from torchvision.ops import box_iou
+
+    from clcl_det.continual import begin_task
+    from clcl_det.data.continual import Task
+    from clcl_det.engine.evaluate import eval_autocast
+
+    names = tuple(f"class {i}" for i in range(6))
+    cfg = tiny_cfg(**{"SOLVER.AMP": "True", "SOLVER.AMP_DTYPE": "bfloat16", "INPUT.IMAGE_SIZE": "64"})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    begin_task(model, Task(0, 0, 6, names, names))
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    g = torch.Generator().manual_seed(0)
+    images = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g), "height": 64, "width": 64}
+              for _ in range(2)]
+    with torch.no_grad():
+        fp32 = model(images)
+        with eval_autocast(cfg, torch.device("cpu")):
+            amp = model(images)
+        off = cfg.clone()
+        off.TEST.AMP = False
+        with eval_autocast(off, torch.device("cpu")):
+            model(images)
+    assert seen == [False, True, False]
+    for a, b in zip(fp32, amp):  # near-ties of an untrained model may reorder a few: 8 of the best 10
+        assert len(a["boxes"]) >= 10
+        matched = 0
+        for box, score, label in zip(a["boxes"][:10], a["scores"][:10], a["labels"][:10]):
+            match = (b["labels"] == label) & (box_iou(box[None], b["boxes"].float())[0] > 0.8)
+            matched += int(bool(match.any()) and float((b["scores"][match].float() - score).abs().min()) < 0.02)
+        assert matched >= 8, matched
+
+
+def test_default_setup_sets_cudnn_for_bit_identical_runs(tmp_path):
+    """DETERMINISTIC: cuDNN benchmark off, deterministic algorithms on; otherwise benchmark on and
+    the deterministic settings of an earlier setup undone (the conftest fixture restores them)."""
+    import torch
+
+    from clcl_det.engine import default_setup
+
+    for det in (True, False):
+        cfg = tiny_cfg(str(tmp_path / str(det)), DETERMINISTIC=str(det))
+        default_setup(cfg)
+        assert torch.backends.cudnn.benchmark is (not det) and torch.backends.cudnn.deterministic is det
+        assert torch.are_deterministic_algorithms_enabled() is det

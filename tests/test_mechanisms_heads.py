@@ -101,7 +101,7 @@ def test_mechanism_spa_ot_term_has_gradient_on_the_current_projector_only():
     rois = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 20.0, 64.0, 60.0]])]
     patches = F.normalize(head.project(head.roi_patches(ctx, rois)), dim=-1)
     bank = head.bank(head.class_names(ctx))
-    s_ot = head.ot_scores(patches, bank, torch.ones(2, 20, dtype=torch.bool))
+    s_ot = head.ot_scores(patches, bank, torch.arange(20).expand(2, 20))
     model.zero_grad(set_to_none=True)
     s_ot.sum().backward()
     assert float(head.projectors[1].weight.grad.abs().sum()) > 0

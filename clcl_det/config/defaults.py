@@ -167,4 +167,5 @@ _C.TEST = CN()
 _C.TEST.AP_METHOD = "voc07"  # headline VOC AP definition: voc07 (11-point) | area; both are computed
 _C.TEST.ZERO_SHOT = True  # also evaluate not-yet-learned classes zero-shot after each task
 _C.TEST.IMS_PER_BATCH = 8  # images per inference batch per process
+_C.TEST.AMP = True  # evaluate under the training autocast (SOLVER.AMP / AMP_DTYPE, same device rule) when training uses it
 _C.TEST.EVAL_PERIOD = 0  # also evaluate the seen classes every N iterations inside a task, into task_<t>/eval_iter_<n>/ (0 = only at task end)

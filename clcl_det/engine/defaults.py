@@ -173,10 +173,11 @@ def default_setup(cfg: CfgNode, args: Optional[argparse.Namespace] = None) -> No
         logger.info(f"command line: {' '.join(sys.argv)}")
     seed_all_rng(derive_seed(cfg.SEED))
     torch.set_flush_denormal(True)  # denormal floats make CPU kernels many times slower
+    # bit-identical runs need cuDNN's fixed algorithms; otherwise inputs are padded to one square
+    # canvas, so the kernels benchmark mode tunes are reused (both flags are inert on a CPU)
+    torch.backends.cudnn.benchmark = not cfg.DETERMINISTIC
+    torch.backends.cudnn.deterministic = bool(cfg.DETERMINISTIC)
+    torch.use_deterministic_algorithms(bool(cfg.DETERMINISTIC), warn_only=True)
     if cfg.DETERMINISTIC:
-        torch.use_deterministic_algorithms(True, warn_only=True)
         if torch.cuda.is_available():
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # inputs are padded to one square canvas: the tuned kernels are reused

@@ -15,6 +15,7 @@ from ..evaluation import (COCOEvaluator, PascalVOCEvaluator, build_stage, descri
                           write_json)
 from ..utils import comm
 from ..utils.checkpoint import atomic_write_bytes
+from .trainer import eval_autocast
 
 __all__ = ["build_evaluator", "evaluate_stage", "write_summary", "stage_metric_key"]
 
@@ -63,7 +64,9 @@ def _run(cfg: Any, model: nn.Module, gt_dicts, class_names, eval_classes,
          output_dir: Optional[str] = None) -> Dict[str, Any]:
     evaluator = build_evaluator(cfg, gt_dicts, class_names, eval_classes, output_dir)
     loader = build_test_loader(cfg, gt_dicts)
-    res = inference_on_dataset(model, _Readable(loader), evaluator)
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    with eval_autocast(cfg, device):
+        res = inference_on_dataset(model, _Readable(loader), evaluator)
     return res.get("bbox", {}) if comm.is_main_process() else {}
 
 

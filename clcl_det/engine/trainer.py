@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
@@ -24,7 +24,7 @@ from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .hooks import CallbackHook, HookBase
 
 __all__ = ["TaskTrainer", "build_optimizer", "build_lr_scheduler", "NonFiniteLossError", "task_schedule",
-           "unused_parameters"]
+           "unused_parameters", "amp_settings", "eval_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +85,16 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
 
 
-def unused_parameters(model: nn.Module, batch: Any) -> List[str]:
+def unused_parameters(model: nn.Module, batch: Any, amp_dtype: Optional[torch.dtype] = None) -> List[str]:
     """Names of the trainable parameters that get no gradient from the loss of `batch` (one
-    forward/backward; gradients are cleared, buffers (e.g. running statistics) and the RNG state
-    restored afterwards)."""
+    forward/backward, under autocast to `amp_dtype` like a training step when given; gradients are
+    cleared, buffers (e.g. running statistics) and the CPU and CUDA RNG states restored afterwards)."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.random.fork_rng(devices=[]):
-        losses = model(batch)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            losses = model(batch)
         sum(losses.values()).backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
@@ -111,6 +114,34 @@ def _amp_dtype(cfg: Any) -> torch.dtype:
     return getattr(torch, name)
 
 
+def amp_settings(cfg: Any, device: torch.device) -> Tuple[bool, torch.dtype]:
+    """Whether training on `device` runs under autocast, and to which dtype: SOLVER.AMP with
+    float16 on CUDA only, bfloat16 on CUDA and CPU."""
+    dtype = _amp_dtype(cfg)
+    return bool(cfg.SOLVER.AMP) and (device.type == "cuda" or dtype == torch.bfloat16), dtype
+
+
+def eval_autocast(cfg: Any, device: torch.device) -> Any:
+    """The autocast context evaluation runs in: the training one when TEST.AMP, else none."""
+    enabled, dtype = amp_settings(cfg, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled and bool(cfg.TEST.AMP))
+
+
+class _ScalerState:
+    """The trainer's GradScaler as a checkpointable: its state (empty when fp16 scaling is off) is
+    saved, and restored into an enabled scaler, so an fp16 resume keeps its loss scale."""
+
+    def __init__(self, trainer: "TaskTrainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.trainer.scaler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state and self.trainer.scaler.is_enabled():
+            self.trainer.scaler.load_state_dict(state)
+
+
 class TaskTrainer:
     """Runs SOLVER.MAX_ITER iterations of one task on `model` (wrapped in DDP when distributed).
 
@@ -118,7 +149,8 @@ class TaskTrainer:
     SOLVER.ACCUM_STEPS = k each iteration takes k of them (micro-batches of IMS_PER_BATCH / k images,
     see `build_train_loader`) and steps the optimizer once on their mean loss. The periodic
     checkpoints (model, optimizer, scheduler, iteration) go to `output_dir`. `hooks` are
-    `HookBase` objects (or plain functions of the iteration, called after each step).
+    `HookBase` objects (or plain functions of the iteration, called after each step). The
+    checkpoints also hold the fp16 GradScaler's state.
     """
 
     def __init__(self, cfg: Any, model: nn.Module, data_fn: Callable[[int], Iterable], output_dir: str,
@@ -135,13 +167,12 @@ class TaskTrainer:
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.checkpointer = DetectionCheckpointer(model, output_dir, save_to_disk=comm.is_main_process(),
-                                                  optimizer=self.optimizer, scheduler=self.scheduler)
+                                                  optimizer=self.optimizer, scheduler=self.scheduler,
+                                                  scaler=_ScalerState(self))
         self.periodic = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=None,
                                              max_to_keep=2, file_prefix="model")
         self.device = getattr(model, "device", torch.device("cpu"))
-        self.amp_dtype = _amp_dtype(cfg)
-        # fp16 autocast on CUDA only; bf16 autocast on CUDA and CPU
-        self.use_amp = bool(cfg.SOLVER.AMP) and (self.device.type == "cuda" or self.amp_dtype == torch.bfloat16)
+        self.use_amp, self.amp_dtype = amp_settings(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
                                            and self.device.type == "cuda")
         self.accum = int(cfg.SOLVER.ACCUM_STEPS)
@@ -168,8 +199,8 @@ class TaskTrainer:
             raise ConfigError(f"SOLVER.FIND_UNUSED_PARAMETERS '{mode}' is not one of auto | on | off")
         if mode != "auto":
             return mode == "on"
-        unused = unused_parameters(self.model, batch)
-        flag = torch.tensor([float(bool(unused))], device=self.device if torch.distributed.get_backend() == "nccl" else "cpu")
+        unused = unused_parameters(self.model, batch, self.amp_dtype if self.use_amp else None)
+        flag = torch.tensor([float(bool(unused))], device=self._comm_device())
         torch.distributed.all_reduce(flag)
         if unused:
             logger.info(f"DDP: {len(unused)} trainable parameter(s) get no gradient (e.g. {unused[0]}); "
@@ -180,16 +211,33 @@ class TaskTrainer:
         if comm.get_world_size() == 1:
             return self.model
         dev = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=dev,
+        # no buffer broadcast: buffers the forward updates are combined over ranks after each step
+        # (comm.all_reduce_training_statistics), the others are equal on every rank
+        return DistributedDataParallel(self.model, device_ids=dev, broadcast_buffers=False,
                                        find_unused_parameters=self._find_unused(first_batch))
 
+    def _comm_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
     def _check_finite(self, it: int, losses: Dict[str, torch.Tensor]) -> None:
-        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLossError(
-                f"iteration {it}: non-finite loss {', '.join(f'{k}={float(losses[k].detach())}' for k in bad)}; training "
-                f"stopped, the last good checkpoint in {self.output_dir} is kept (lower SOLVER.BASE_LR or check the data)"
-            )
+        """Before the backward pass: each rank's non-finite flags (rank x loss) are summed over
+        ranks and read once, so a NaN on any rank stops every rank at once with the same error."""
+        names, world, rank = sorted(losses), comm.get_world_size(), comm.get_rank()
+        bad = torch.stack([~torch.isfinite(losses[k].detach()).all() for k in names]).float()
+        if world > 1:
+            flags = torch.zeros(world, len(names), device=self._comm_device())
+            flags[rank] = bad.to(flags.device)
+            torch.distributed.all_reduce(flags)
+        else:
+            flags = bad[None]
+        if not bool(flags.any()):  # the one host sync of the check
+            return
+        where = "; ".join(", ".join(f"{k}={float(losses[k].detach())}" if r == rank else k
+                                    for k, f in zip(names, row) if f) + f" on rank {r}"
+                          for r, row in enumerate(flags.bool().tolist()) if any(row))
+        raise NonFiniteLossError(
+            f"iteration {it}: non-finite loss {where}; training stopped on every rank, the last good checkpoint "
+            f"in {self.output_dir} is kept (lower SOLVER.BASE_LR or check the data)")
 
     def _log(self, it: int, data_time: float, iter_time: float, start_time: float) -> None:
         done = it + 1 - self.start_iter

@@ -1,7 +1,7 @@
 """MODEL.DEVICE resolution, shared by the detector, the loaders and the tiny-CLIP recipe."""
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "chunk_elements"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,3 +23,11 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise ConfigError(f"MODEL.DEVICE '{name}': only {n} CUDA GPU(s) are available")
     return dev
+
+
+def chunk_elements(device: torch.device, cpu: int) -> int:
+    """Elements of temporaries a chunked computation may hold at once on `device`: `cpu` on a CPU
+    (sized for its caches), 1/64 of a GPU's memory in float32 elements on CUDA (at least `cpu`)."""
+    if device.type == "cuda":
+        return max(cpu, torch.cuda.get_device_properties(device).total_memory // (64 * 4))
+    return cpu

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIPDenseEncoder", "EvaDenseEncoder", "build_dense_encoder", "default_tap_indices"]
+__all__ = ["CLIPDenseEncoder", "EvaDenseEncoder", "SigLIPDenseEncoder", "build_dense_encoder", "default_tap_indices"]
 
 
 def default_tap_indices(num_blocks: int, num_taps: int = 4) -> List[int]:
@@ -224,8 +224,72 @@ class EvaDenseEncoder(nn.Module):
         return taps, dense
 
 
+class SigLIPDenseEncoder(nn.Module):
+    """`CLIPDenseEncoder` for open_clip's SigLIP / SigLIP2 towers (`TimmModel` around a timm
+    `VisionTransformer` without class token, pooled by an attention-pool head, e.g.
+    ViT-B-16-SigLIP2): same outputs, any input size divisible by the patch size.
+
+    Absolute positions are resampled with timm's `resample_abs_pos_embed`. Every block runs as
+    trained (the last tap is the final block's output). The dense map takes the attention pool
+    without token mixing: each token's own value (the pool's kv projection, value half), the pool's
+    output projection and its MLP, i.e. what the pool returns for a sequence of that one token;
+    then the trunk's and the CLIP tower's heads.
+    """
+
+    def __init__(self, visual: nn.Module, tap_indices: Sequence[int] = ()):
+        super().__init__()
+        trunk = getattr(visual, "trunk", None)
+        for attr in ("patch_embed", "pos_embed", "blocks", "norm", "attn_pool", "fc_norm", "head"):
+            if trunk is None or not hasattr(trunk, attr):
+                raise TypeError(f"MODEL.CLIP.ARCH: SigLIP dense features need a timm VisionTransformer trunk; "
+                                f"{type(trunk or visual).__name__} has no '{attr}'")
+        pool = trunk.attn_pool
+        if pool is None or getattr(trunk, "num_prefix_tokens", 0) or getattr(pool, "pos_embed", None) is not None:
+            raise NotImplementedError("SigLIP dense features need an attention-pool head without its own positions "
+                                      "and a trunk without class or register tokens")
+        self.visual = visual
+        self.trunk = trunk
+        self.tap_indices = _check_taps(tap_indices, len(trunk.blocks))
+        patch = trunk.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.width = int(trunk.embed_dim)
+        projections = [m for part in (trunk.head, visual.head) for m in part.modules() if isinstance(m, nn.Linear)]
+        self.embed_dim = int(projections[-1].out_features) if projections else self.width
+
+    def _pool_v_path(self, x: Tensor) -> Tensor:
+        """The attention pool applied to each token alone (attention weight 1 on itself): B x N x width."""
+        pool = self.trunk.attn_pool
+        B, N, C = x.shape
+        v = pool.kv(x).reshape(B, N, 2, C)[:, :, 1]  # heads in order, as the pool's output reshape
+        y = pool.proj_drop(pool.proj(v))
+        return y + pool.mlp(pool.norm(y)) if pool.mlp is not None else y
+
+    def forward(self, images: Tensor) -> Tuple[List[Tensor], Tensor]:
+        from timm.layers import resample_abs_pos_embed
+
+        B, h, w = _patch_grid(images, self.patch_size)
+        t = self.trunk
+        pe = t.patch_embed
+        x = pe.norm(pe.proj(images.to(pe.proj.weight.dtype)).flatten(2).transpose(1, 2))  # B, hw, width
+        pos = resample_abs_pos_embed(t.pos_embed, new_size=(h, w), old_size=pe.grid_size, num_prefix_tokens=0)
+        x = t.norm_pre(t.patch_drop(t.pos_drop(x + pos.to(x.dtype))))
+        taps: List[Tensor] = []
+        to_map = lambda z: z.transpose(1, 2).reshape(B, -1, h, w)  # noqa: E731
+        for i, blk in enumerate(t.blocks):
+            x = blk(x)
+            if i in self.tap_indices:
+                taps.append(to_map(x))
+        tokens = self.visual.head(t.head(t.head_drop(t.fc_norm(self._pool_v_path(t.norm(x))))))
+        dense = F.normalize(tokens, dim=-1).transpose(1, 2).reshape(B, -1, h, w)
+        return taps, dense
+
+
 def build_dense_encoder(visual: nn.Module, tap_indices: Sequence[int] = ()) -> nn.Module:
-    """The dense encoder of an open_clip visual tower: EVA (timm Eva trunk) or a standard ViT."""
-    if hasattr(getattr(visual, "trunk", None), "rope"):
+    """The dense encoder of an open_clip visual tower: EVA (timm Eva trunk), SigLIP (timm ViT
+    with an attention-pool head) or a standard ViT."""
+    trunk = getattr(visual, "trunk", None)
+    if hasattr(trunk, "rope"):
         return EvaDenseEncoder(visual, tap_indices)
+    if getattr(trunk, "attn_pool", None) is not None:
+        return SigLIPDenseEncoder(visual, tap_indices)
     return CLIPDenseEncoder(visual, tap_indices)

@@ -20,7 +20,7 @@ def add_spa_config(_C: CN) -> None:
     _C.MODEL.SPA.OT_MAX_ITER = 100  # Sinkhorn iterations at most
     _C.MODEL.SPA.OT_TOL = 1e-5  # Sinkhorn stops when the patch marginal's error is below this
     _C.MODEL.SPA.TOPK = 0  # OT only for each RoI's top-k classes by cos(projected region feature, t_c) (0 = all); the others get no OT term
-    _C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call (0 = ~32M gathered elements; raise on a GPU)
+    _C.MODEL.SPA.PAIRS_PER_CALL = 0  # (RoI, class) pairs per batched OT call, whole RoIs (0 = sized by device: utils.device.chunk_elements)
     _C.MODEL.SPA.TASK_PROJECTORS = True  # one Linear(D, D) per task on the frozen CLIP patches/region feature (zero-init residual, frozen after its task)
     _C.MODEL.SPA.COMBINE = "sum"  # SPA logits with the detector's: sum | ensemble ((1-w) log-softmax det + w log-softmax SPA)
     _C.MODEL.SPA.ENSEMBLE_WEIGHT = 0.5  # w of COMBINE ensemble

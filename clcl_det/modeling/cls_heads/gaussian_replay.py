@@ -70,6 +70,7 @@ class GaussianReplay(ClsHead):
             self.register_buffer("shared_dof", torch.zeros(()))  # its degrees of freedom, sum_c (n_c - 1)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training iterations of this task
         self._factors: Optional[Tuple[Tensor, Tensor]] = None  # (classes, cached Cholesky/std factors)
+        self._host: Optional[Dict[str, Any]] = None  # host copies of `step` and of which classes are stored
         self._embed: Optional[nn.Module] = None  # the RoI head's embed layer (a reference, not a child)
 
     @classmethod
@@ -97,7 +98,7 @@ class GaussianReplay(ClsHead):
             self.covariances = torch.cat([self.covariances, self.covariances.new_zeros(extra, D, D)])
         elif self.cov_mode == "diagonal":
             self.variances = torch.cat([self.variances, self.variances.new_zeros(extra, D)])
-        self._factors = None
+        self._factors = self._host = None
 
     def _set_width(self, width: int) -> None:
         """Feature width of the statistics (only while none are stored)."""
@@ -114,7 +115,7 @@ class GaussianReplay(ClsHead):
             self.variances = ref.new_zeros(0, width)
         else:
             self.shared_covariance = ref.new_zeros(width, width)
-        self._factors = None
+        self._factors = self._host = None
 
     def on_task_start(self, task: Any, model: nn.Module) -> None:
         """Find the replay space's width and the `embed` layer replayed features go through;
@@ -127,6 +128,7 @@ class GaussianReplay(ClsHead):
             self._set_width(model.backbone.embed_dim)
         self._grow(task.stop)
         self.step.zero_()
+        self._host = None
 
     def on_task_data(self, task: Any, model: nn.Module, loader: Iterable) -> None:
         """Statistics of the task's classes from the ground-truth boxes of its training images."""
@@ -181,7 +183,7 @@ class GaussianReplay(ClsHead):
                 self.shared_dof.fill_(float(dof))
         self.means[classes] = mean.to(self.means)
         self.counts[classes] = n.to(self.counts)
-        self._factors = None
+        self._factors = self._host = None
 
     def covariance(self, c: int) -> Tensor:
         """The stored covariance of class c (D x D) whatever the mode."""
@@ -193,58 +195,79 @@ class GaussianReplay(ClsHead):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._factors = None
+        self._factors = self._host = None
+
+    def _host_state(self) -> Dict[str, Any]:
+        """`step` and which classes have statistics, read from the buffers once after they change
+        (a training step then needs no device sync to choose and seed its draws)."""
+        if self._host is None or self._host["key"] != self._host_key():
+            self._host = {"key": self._host_key(), "step": int(self.step), "stored": (self.counts > 0).cpu()}
+        return self._host
+
+    def _host_key(self) -> Tuple[int, ...]:
+        """Changes whenever `step` or `counts` is written (in-place writes bump a tensor's version)."""
+        return self.step._version, self.step.data_ptr(), self.counts._version, self.counts.data_ptr()
 
     def _scale_factors(self, classes: Tensor) -> Tensor:
         """Per class the Cholesky factor (full / shared: C x D x D) or the std (diagonal: C x D),
-        float64 on CPU, cached until the statistics change."""
-        if self._factors is not None and torch.equal(self._factors[0], classes):
+        computed in float64 on the buffers' device and kept there (float64 on a CPU, the buffers'
+        dtype on a GPU), cached until the statistics change."""
+        dev = self.means.device
+        if self._factors is not None and torch.equal(self._factors[0], classes) and self._factors[1].device == dev:
             return self._factors[1]
+        idx = classes.to(dev)
         if self.cov_mode == "full":
-            f = torch.linalg.cholesky(self.covariances[classes].double().cpu())
+            f = torch.linalg.cholesky(self.covariances[idx].double())
         elif self.cov_mode == "diagonal":
-            f = self.variances[classes].double().cpu().clamp_min(0).sqrt()
+            f = self.variances[idx].double().clamp_min(0).sqrt()
         else:
-            f = torch.linalg.cholesky(self.shared_covariance.double().cpu())[None].expand(len(classes), -1, -1)
+            f = torch.linalg.cholesky(self.shared_covariance.double())[None].expand(len(classes), -1, -1)
+        f = f.to(torch.float64 if dev.type == "cpu" else self.means.dtype)
         self._factors = (classes.clone(), f)
         return f
 
     def sample(self, classes: Tensor, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        """n pseudo-features per class (C*n x D, on the buffers' device) and their labels."""
+        """n pseudo-features per class (C*n x D, on the buffers' device) and their labels, drawn on
+        the generator's device (the buffers' without one)."""
         classes = classes.cpu().long()
-        empty = classes[self.counts.cpu()[classes] <= 0]
+        empty = classes[~self._host_state()["stored"][classes]]
         if empty.numel():
             raise ValueError(f"GaussianReplay: no statistics stored for class(es) {empty.tolist()}")
         f = self._scale_factors(classes)
-        z = torch.randn(len(classes), n, self.embed_dim, generator=generator, dtype=torch.float64)
+        dev = self.means.device
+        z = torch.randn(len(classes), n, self.embed_dim, generator=generator, dtype=f.dtype,
+                        device=generator.device if generator is not None else dev).to(dev)
         noise = z * f[:, None, :] if self.cov_mode == "diagonal" else z @ f.transpose(1, 2)
-        x = self.means[classes].double().cpu()[:, None, :] + noise
-        labels = classes.repeat_interleave(n)
-        return x.reshape(-1, self.embed_dim).to(self.means), labels.to(self.means.device)
+        idx = classes.to(dev)
+        x = self.means[idx].to(f.dtype)[:, None, :] + noise
+        return x.reshape(-1, self.embed_dim).to(self.means), idx.repeat_interleave(n)
 
     # -- classification ---------------------------------------------------------------------------
     def forward(self, x: Tensor, ctx: HeadContext, rois: Optional[list] = None) -> Tensor:
         return self.inner(x, ctx, rois)
 
     def replay_classes(self, ctx: HeadContext) -> Tensor:
-        """Old classes with statistics (below the task's first class and inside the vocabulary)."""
+        """Old classes with statistics (below the task's first class and inside the vocabulary), on
+        the host."""
         limit = min(self.num_stored, ctx.num_classes)
         if ctx.task is not None:
             limit = min(limit, ctx.task.start)
-        return torch.nonzero(self.counts[:limit] > 0).squeeze(1)
+        return torch.nonzero(self._host_state()["stored"][:limit]).squeeze(1)
 
     def losses(self, logits: Tensor, labels: Tensor, x: Tensor, ctx: HeadContext) -> Dict[str, Tensor]:
         out = dict(self.inner.losses(logits, labels, x, ctx))
         if not self.training:
             return out
-        step = int(self.step)
+        host = self._host_state()
+        step = host["step"]
         self.step += 1
+        host.update(step=step + 1, key=self._host_key())
         classes = self.replay_classes(ctx)
         if self.weight == 0 or self.samples_per_class == 0 or classes.numel() == 0:
             out["loss_replay"] = logits.sum() * 0.0
             return out
         task = ctx.task.index if ctx.task is not None else 0
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, task, step))
+        g = torch.Generator(device=self.means.device).manual_seed(_mix_seed(self.seed, task, step))
         feats, labs = self.sample(classes, self.samples_per_class, g)
         replayed = self.inner.replay_logits(feats, ctx, self._embed)[:, : ctx.num_classes]  # seen classes
         out["loss_replay"] = self.weight * F.cross_entropy(replayed, labs)

@@ -149,16 +149,19 @@ class SemanticPrototypeHead(TextClassifier):
         """Running means of the positive RoIs' frozen CLIP features, for classes not final yet, over
         the RoIs of every process (every process calls this in each training step)."""
         K = int(self.prototypes.shape[0])
-        fg = (labels >= 0) & (labels < K)
-        fg[fg.clone()] &= ~self.proto_final[labels[fg]]
-        lab = labels[fg]
-        ds = torch.zeros_like(self.proto_sums).index_add_(0, lab, region[fg].to(self.proto_sums))
-        dn = torch.zeros_like(self.proto_counts).index_add_(0, lab, torch.ones_like(lab, dtype=self.proto_counts.dtype))
+        if K == 0:
+            return
+        # masks as 0/1 weights instead of boolean indexing: no host sync (adding 0.0 leaves sums exact)
+        lab = labels.clamp(0, K - 1)
+        fg = ((labels >= 0) & (labels < K) & ~self.proto_final[lab]).to(self.proto_sums.dtype)
+        ds = torch.zeros_like(self.proto_sums).index_add_(0, lab, region.to(self.proto_sums) * fg[:, None])
+        dn = torch.zeros_like(self.proto_counts).index_add_(0, lab, fg.to(self.proto_counts.dtype))
         all_reduce_sum(ds, dn)  # every process's RoIs (a no-op in one process; called on every process)
         self.proto_sums += ds
         self.proto_counts += dn
         upd = (self.proto_counts > 0) & ~self.proto_final
-        self.prototypes[upd] = F.normalize(self.proto_sums[upd], dim=-1)
+        self.prototypes.copy_(torch.where(upd[:, None], F.normalize(self.proto_sums, dim=-1).to(self.prototypes),
+                                          self.prototypes))
 
     def _available(self, K: int) -> Tuple[Tensor, Tensor]:
         """A copy of the raw prototypes (K x D, zeros where missing) and which exist, for K classes."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from ...config import configurable
+from ...utils.device import chunk_elements
 from ...data.descriptions import DEFAULT_TEMPLATE, class_sentences, load_class_descriptions
 from ..context import HeadContext
 from ..roi_statistics import clip_region_features
@@ -27,7 +28,7 @@ __all__ = ["SPAHead", "DescriptionBank", "build_description_bank", "select_patch
 logger = logging.getLogger(__name__)
 
 OT_METHODS = ("auto", "sinkhorn", "log_sinkhorn")
-_PAIR_BUDGET = 1 << 25  # elements of the per-pair patch/token tensors gathered at once
+_PAIR_BUDGET = 1 << 25  # on a CPU, elements of the OT temporaries held at once (a GPU's: chunk_elements)
 _SENTENCE_BATCH = 256  # sentences per text-tower call when building a bank
 
 
@@ -123,16 +124,18 @@ def solve_ot_batch(cost: Tensor, token_mask: Tensor, epsilon: float, method: str
                    max_iter: int = 100, tol: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """Entropic OT of a batch of problems with POT (`ot.solve_batch`, torch backend): uniform mass
     on the n patches (rows) and on each problem's real tokens (columns where `token_mask`; padded
-    columns get no mass). cost: B x n x L. Returns the plans T* (B x n x L) and <T*, C> (B), whose
-    gradient w.r.t. the cost is T* (envelope theorem)."""
+    columns get no mass). cost: B x n x L. Returns the plans T* (B x n x L, constant) and <T*, C>
+    (B), whose gradient w.r.t. the cost is T* (envelope theorem): the plan is solved without
+    autograd, so the Sinkhorn iterations are not recorded."""
     method = ot_method_for(method, epsilon, cost.device)
     with torch.autocast(cost.device.type, enabled=False):  # Sinkhorn in float32 whatever the AMP dtype
-        cost = cost.float()
-        mass = token_mask.to(cost.dtype)
-        b = mass / mass.sum(dim=-1, keepdim=True)
-        cost = cost.masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
-        res = ot.solve_batch(cost, reg=epsilon, b=b, method=method, max_iter=max_iter, tol=tol, grad="envelope")
-    return res.plan, res.value_linear
+        cost = cost.float().masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
+        with torch.no_grad():
+            mass = token_mask.to(cost.dtype)
+            b = mass / mass.sum(dim=-1, keepdim=True)
+            plan = ot.solve_batch(cost.detach(), reg=epsilon, b=b, method=method, max_iter=max_iter, tol=tol,
+                                  grad="detach").plan
+        return plan, (cost * plan).sum(dim=(1, 2))
 
 
 COMBINE_MODES = ("sum", "ensemble")
@@ -279,43 +282,47 @@ class SPAHead(TextClassifier):
         return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1)
 
     def candidates(self, text_cos: Tensor) -> Tensor:
-        """R x K bool: the (RoI, class) pairs that get the OT term (top-k text classes, or all)."""
+        """R x k class indices of the (RoI, class) pairs that get the OT term: each RoI's top-k text
+        classes (k = TOPK), or all K classes in order (TOPK 0 or >= K)."""
         R, K = text_cos.shape
         if self.topk <= 0 or self.topk >= K:
-            return torch.ones(R, K, dtype=torch.bool, device=text_cos.device)
-        idx = text_cos.detach().topk(self.topk, dim=1).indices
-        return torch.zeros(R, K, dtype=torch.bool, device=text_cos.device).scatter_(1, idx, True)
+            return torch.arange(K, device=text_cos.device).expand(R, K)
+        return text_cos.detach().topk(self.topk, dim=1).indices
 
-    def ot_scores(self, patches: Tensor, bank: DescriptionBank, candidates: Tensor) -> Tensor:
-        """s^OT (R x K, 0 outside `candidates`): 1 - <T*, 1 - cos(selected patches, S_c)>, the candidate
-        pairs solved together, `pairs_per_call` per POT call (0: as many as keep the gathered
-        tensors near _PAIR_BUDGET elements). Differentiable in `patches` (envelope gradient)."""
+    def ot_scores(self, patches: Tensor, bank: DescriptionBank, classes: Tensor) -> Tensor:
+        """s^OT (R x K, 0 outside the pairs of `classes`, R x k class indices): 1 - <T*, 1 - cos(selected
+        patches, S_c)>. The RoIs' pairs are solved together, in RoI chunks of `pairs_per_call` pairs
+        (0: as many as keep the temporaries within the device's budget, `chunk_elements`); the
+        patch-token cosines of all pairs come from one batched product against every class's tokens,
+        so there is no loop over classes and no host sync. Differentiable in `patches` (envelope
+        gradient)."""
         R, P, D = patches.shape
         K, L = bank.token_mask.shape
+        J, k = bank.sentences.shape[1], classes.shape[1]
         n = min(self.num_patches, P)
-        flat = patches.reshape(R * P, D)
-        r_all, c_all = candidates.nonzero(as_tuple=True)  # sorted by RoI
-        chunk = self.pairs_per_call or max(1, _PAIR_BUDGET // ((n + L) * D + K * P * bank.sentences.shape[1]))
-        values, where = [], []
-        for s in range(0, len(r_all), chunk):
-            r, c = r_all[s:s + chunk], c_all[s:s + chunk]
-            r0, r1 = int(r[0]), int(r[-1]) + 1
-            with torch.no_grad():
-                idx = select_patches(patches[r0:r1], bank.sentences, bank.sentence_mask, n)[r - r0, c]  # B x n
-            order = torch.argsort(c, stable=True)  # grouped by class: each group's tokens are shared
-            r, c, idx = r[order], c[order], idx[order]
-            chosen = flat[r[:, None] * P + idx]  # B x n x D
-            classes, counts = torch.unique_consecutive(c, return_counts=True)
-            cost = torch.cat([1.0 - part @ bank.tokens[k].t()  # B_k x n x L
-                              for part, k in zip(chosen.split(counts.tolist()), classes.tolist())])
-            _, value = solve_ot_batch(cost, bank.token_mask[c], self.epsilon, self.ot_method, self.ot_max_iter,
-                                      self.ot_tol)
-            values.append(1.0 - value)
-            where.append(r * K + c)
-        scores = patches.new_zeros(R * K)
-        if values:
-            scores = scores.index_put((torch.cat(where),), torch.cat(values).to(scores))
-        return scores.view(R, K)
+        per_roi = P * K * (J + L) + 4 * k * n * L  # similarities (at most), then the cost, plan and solver temporaries
+        rois = max(1, self.pairs_per_call // k if self.pairs_per_call
+                   else chunk_elements(patches.device, _PAIR_BUDGET) // per_roi)
+        sentences, tokens = bank.sentences.reshape(K * J, D), bank.tokens.reshape(K * L, D)
+        values = []
+        for s in range(0, R, rois):
+            p, cls = patches[s:s + rois], classes[s:s + rois]
+            B = p.shape[0]
+            with torch.no_grad():  # each pair's n patches by max_j cos(patch, d_{c,j})
+                sim = (p @ sentences.t()).view(B, P, K, J)
+                sim = sim.masked_fill(~bank.sentence_mask, float("-inf")).amax(dim=-1)  # B x P x K
+                idx = sim.gather(2, cls[:, None, :].expand(B, P, k)).topk(n, dim=1).indices  # B x n x k
+            if k == K:  # every class, in order: the chosen patches against their class's tokens
+                chosen = p.gather(1, idx.transpose(1, 2).reshape(B, k * n, 1).expand(-1, -1, D)).view(B, k, n, D)
+                cos = torch.einsum("bknd,kld->bknl", chosen, bank.tokens).float()  # OT in float32 under autocast
+            else:  # per-RoI classes: every patch against every class's tokens, then the pairs' entries
+                where = (idx * K + cls[:, None, :]).transpose(1, 2).reshape(B, k * n, 1).expand(-1, -1, L)
+                cos = (p @ tokens.t()).float().view(B, P * K, L).gather(1, where)
+            cost = 1.0 - cos.reshape(B * k, n, L)
+            _, value = solve_ot_batch(cost, bank.token_mask[cls.reshape(-1)], self.epsilon, self.ot_method,
+                                      self.ot_max_iter, self.ot_tol)
+            values.append(1.0 - value.view(B, k))
+        return patches.new_zeros(R, K).scatter(1, classes, torch.cat(values).to(patches.dtype))
 
     def spa_logits(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
         """tau * [cos(P(g), t_c) + lambda * s^OT_c, cos(P(g), t_bg)]: R x (K+1)."""

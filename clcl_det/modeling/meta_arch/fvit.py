@@ -72,9 +72,15 @@ class FViT(ContinualModule):
         return self
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "FViT":
-        """Copies share the frozen CLIP (teacher snapshots cost only the trainable part)."""
+        """Copies share the frozen CLIP, its image tower and the backbone's dense encoder around it
+        (teacher snapshots cost only the trainable part)."""
         memo[id(self.clip)] = self.clip
         memo[id(self.text)] = self.text
+        for frozen in (self.clip, getattr(self.backbone, "encoder", None)):
+            if frozen is not None:
+                memo[id(frozen)] = frozen
+                for obj in (*frozen.modules(), *frozen.parameters(), *frozen.buffers()):
+                    memo[id(obj)] = obj
         if self.teacher is not None:
             memo[id(self.teacher)] = None
         cls = self.__class__
@@ -167,11 +173,13 @@ class FViT(ContinualModule):
             return self.postprocess(detections, batched_inputs, images.image_sizes)
         targets = []
         for x in batched_inputs:
-            labels = x["classes"].to(self.device)
-            if labels.numel() and int(labels.max()) >= len(self.class_names):
-                raise ValueError(f"{x.get('file_name')}: label {int(labels.max())} outside the vocabulary "
+            labels = x["classes"]  # checked where the loader left it (the host): no device sync
+            top = int(labels.max()) if labels.numel() and labels.device.type == "cpu" else -1
+            if top >= len(self.class_names):
+                raise ValueError(f"{x.get('file_name')}: label {top} outside the vocabulary "
                                  f"of {len(self.class_names)} classes")
-            targets.append({"boxes": x["boxes"].to(self.device).float(), "labels": labels})
+            targets.append({"boxes": x["boxes"].to(self.device, non_blocking=True).float(),
+                            "labels": labels.to(self.device, non_blocking=True)})
         seeds = [x.get("seed") for x in batched_inputs]
         proposals, losses, rpn_raw = self.proposal_generator(images, features, targets, seeds)
         roi_losses, roi_out = self.roi_heads(features, proposals, ctx, targets, seeds)

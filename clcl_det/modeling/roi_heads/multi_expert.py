@@ -13,9 +13,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import roi_align
 
 from ...config import configurable
+from ...utils.device import chunk_elements
 from ..backbone.clip_vit import get_norm
 from ..context import HeadContext
 from ..cost_volume import PRIOR_NORMS, category_prior
@@ -28,7 +30,8 @@ GATINGS = ("residual", "multiply", "concat")
 BACKGROUNDS = ("task", "shared")
 TRUNKS = ("box_head", "own")
 BOX_REGS = ("shared", "task")
-_MAX_PATHWAY_ELEMENTS = 2**21  # inference chunk bound: 8 MB of float32 pathway inputs (cache-sized; 128 MB chunks were ~1.6x slower)
+_MAX_PATHWAY_ELEMENTS = 2**21  # expert-conv chunk bound on a CPU: 8 MB of float32 pathway inputs (cache-sized); a GPU's: chunk_elements
+_MAX_GATHERED_ELEMENTS = 2**28  # training with per-RoI classes on a CPU: pathway + gathered weight elements per chunk (a memory bound)
 
 
 class ExpertChunk(nn.Module):
@@ -166,15 +169,13 @@ class ExpertBank(nn.Module):
             scale = self._cat("logit_scale")[:S].exp().clamp(max=100.0)
             return torch.cat(zs, dim=1), scale.expand(R, S)
         fc_w, fc_b, scale = self._cat("fc_w"), self._cat("fc_b"), self._cat("logit_scale").exp().clamp(max=100.0)
-        if self.pool_size == 1:  # small fc weights: gather them per pair
-            return torch.einsum("rsf,rsfd->rsd", h, fc_w[idx]) + fc_b[idx], scale[idx]
-        # E*G*G x D per pair is too much to gather: one matmul per selected class
-        flat = idx.reshape(-1)
-        hf, z = h.reshape(R * S, -1), h.new_empty(R * S, fc_w.shape[2])
-        for k in flat.unique().tolist():
-            rows = (flat == k).nonzero().squeeze(1)
-            z[rows] = hf[rows] @ fc_w[k] + fc_b[k]
-        return z.view(R, S, -1), scale[idx]
+        # a RoI's S classes are distinct: lay the pairs out by class (K x R slots, unused slots zero),
+        # one batched matmul per class's fc, read back per pair; no loop over classes, no host sync,
+        # no fc weight gathered per pair
+        K, rows = fc_w.shape[0], torch.arange(R, device=h.device)[:, None].expand(R, S)
+        by_class = h.new_zeros(K, R, h.shape[2]).index_put((idx, rows), h)
+        z = torch.baddbmm(fc_b[:, None, :].to(h.dtype), by_class, fc_w.to(h.dtype))  # K x R x D
+        return z[idx, rows], scale[idx]
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -342,6 +343,19 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             idx[missing, -1] = labels[missing]
         return idx
 
+    def _roi_chunks(self, pooled: Tensor, S: int, gathered: bool) -> List[Tuple[slice, bool]]:
+        """RoI slices for the expert convs and whether each is checkpointed: chunks of at most
+        `chunk_elements` pathway (and, for per-RoI classes, gathered weight) elements; in training
+        one pass, except per-RoI classes over several chunks, which are checkpointed."""
+        R = len(pooled)
+        C, E = self.experts.in_channels, self.experts.expert_dim
+        per_roi = S * (pooled[0].numel() + (E * (C + E) * 9 if gathered else 0))
+        budget = _MAX_GATHERED_ELEMENTS if self.training else _MAX_PATHWAY_ELEMENTS
+        step = max(1, chunk_elements(pooled.device, budget) // per_roi)
+        if step >= R or (self.training and not gathered):
+            return [(slice(0, R), False)]
+        return [(slice(i, i + step), self.training and torch.is_grad_enabled()) for i in range(0, R, step)]
+
     def predict(self, pooled: Tensor, rois: List[Tensor], ctx: HeadContext,
                 labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
         if self.trunk_source == "box_head":  # one conv stack feeds the shared branch and the experts
@@ -366,17 +380,19 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         if idx is not None:
             m = m.gather(1, idx[:, :, None, None].expand(-1, -1, *m.shape[2:]))
         text = ctx.class_embeddings[:K]
-        # at inference, RoIs go through the expert convs in chunks that bound the pathway tensor's size;
-        # the experts' fc then runs once over all RoIs
-        per_roi = m.shape[1] * pooled[0].numel()  # S x C x P x P
-        step = len(pooled) if self.training else max(1, _MAX_PATHWAY_ELEMENTS // per_roi)
+        # RoIs go through the expert convs in chunks that bound the pathway tensor's size (and, with
+        # top-k, the expert weights gathered per pair), sized by device; the experts' fc then runs
+        # once over all RoIs. In training one pass, or with top-k checkpointed chunks (each chunk's
+        # gathered weights are freed and recomputed in the backward pass)
         h_parts, act_parts = [], []
-        for i in range(0, len(pooled), step):
-            sl = slice(i, i + step)
-            if idx is None:
-                h, act = self.experts.gated_features(pooled[sl], m[sl], self.pathways)
+        for sl, checkpointed in self._roi_chunks(pooled, m.shape[1], idx is not None):
+            if idx is None:  # every class: the pathways are built chunk by chunk of experts
+                run = lambda p, mm: self.experts.gated_features(p, mm, self.pathways)  # noqa: E731
+                args = (pooled[sl], m[sl])
             else:
-                h, act = self.experts.features(self.pathways(pooled[sl], m[sl]), idx[sl])
+                run = lambda p, mm, ii: self.experts.features(self.pathways(p, mm), ii)  # noqa: E731
+                args = (pooled[sl], m[sl], idx[sl])
+            h, act = checkpoint(run, *args, use_reentrant=False) if checkpointed else run(*args)
             h_parts.append(h)
             act_parts.append(act)
         h, act = torch.cat(h_parts), torch.cat(act_parts)
