@@ -12,6 +12,7 @@ import yaml
 from clcl_det.config import CfgNode
 from clcl_det.continual import ContinualRunner
 from clcl_det.continual.loop import config_differences
+import clcl_det.engine.evaluate as evaluate
 from clcl_det.engine import default_setup
 from clcl_det.engine.hooks import HookBase
 
@@ -48,10 +49,13 @@ def _run(out, teacher="auto", resume=False, stop=False, **overrides):
     runner = ContinualRunner(cfg, resume=resume)
     record = TeacherRecord(stop)
     runner.register_hooks([record])
-    try:
-        runner.run()
-    except _Stop:
-        pass
+    with pytest.MonkeyPatch.context() as mp:  # no test here reads the plots
+        mp.setattr(evaluate, "plot_stages", lambda *a, **k: None)
+        mp.setattr(evaluate, "plot_task_matrix", lambda *a, **k: None)
+        try:
+            runner.run()
+        except _Stop:
+            pass
     return record.steps
 
 
