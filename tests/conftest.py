@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("CLCL_TEST_THREADS", "2")))  # 1 per worker of tools/mutation_check.py
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 and nothing it is meant to keep: Gaussian replay, SPA's OT term and task projectors, SE-VPR's raw
 and refined prototypes, SG-AKT's KL and relevance, and Faster ILOD's three terms."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -89,6 +90,37 @@ def test_mechanism_replay_around_spa_trains_the_current_projector_only():
     assert grads["roi_heads.embed.weight"] is None  # the replay lives in the frozen CLIP space
 
 
+def test_mechanism_replay_scores_replayed_features_against_every_seen_class():
+    """loss_replay is MODEL.REPLAY.WEIGHT times the cross-entropy of old-class pseudo-features over
+    every seen class: with the new classes' texts copies of the old classes' (new class c+10 looks
+    exactly like old class c), the loss of the same draws is that over the old classes alone plus
+    weight * log 2; with the same draws, double the weight gives double the loss."""
+    from dataclasses import replace
+
+    _, model = _first_task("MODEL.CLS_HEAD.NAME", "GaussianReplay", "MODEL.REPLAY.WEIGHT", "0.5",
+                           "MODEL.REPLAY.SAMPLES_PER_CLASS", "16")
+    head = model.roi_heads.cls_head
+    begin_task(model, TASK1)
+    model.train()
+    D = model.backbone.embed_dim
+    ctx = model.make_context(F.normalize(torch.randn(1, D, 8, 8), dim=1), [(64, 64)])
+    logits, labels, x = torch.zeros(3, 21), torch.tensor([10, 12, 20]), torch.randn(3, model.roi_heads.embed.out_features)
+
+    def replay(c, weight=0.5):
+        head.step.zero_()  # the same draws every call
+        head.weight = weight
+        return float(head.losses(logits, labels, x, c)["loss_replay"].detach())
+
+    text = ctx.class_embeddings
+    old_only = replace(ctx, class_embeddings=text[:10])  # the same draws scored over the old classes alone
+    twins = replace(ctx, class_embeddings=torch.cat([text[:10], text[:10]]))  # new class c+10 = old class c
+    base = replay(old_only)
+    # over every seen class each draw's own class appears twice: -log(e^l_c / (2 sum_old e^l)) = CE_old + log 2
+    assert replay(twins) - base == pytest.approx(0.5 * math.log(2), rel=1e-4)
+    assert base > 0 and replay(old_only, 1.0) == pytest.approx(2 * base, rel=1e-5)
+    assert replay(ctx) != base  # the new classes' own texts are in the softmax too
+
+
 # -- SPA ----------------------------------------------------------------------------------------------
 def test_mechanism_spa_ot_term_has_gradient_on_the_current_projector_only():
     cfg, model = _first_task("MODEL.CLS_HEAD.NAME", "SPAHead")
@@ -106,6 +138,31 @@ def test_mechanism_spa_ot_term_has_gradient_on_the_current_projector_only():
     s_ot.sum().backward()
     assert float(head.projectors[1].weight.grad.abs().sum()) > 0
     assert head.projectors[0].weight.grad is None
+
+
+def test_mechanism_spa_ot_term_trains_the_current_projector_through_the_logits():
+    """Through the head's logits (not the OT scores alone, and with gradients on): the current
+    projector's gradient of the class logits changes when the OT term is switched on (the OT
+    score is not detached), and no gradient reaches the earlier task's projector."""
+    cfg, model = _first_task("MODEL.CLS_HEAD.NAME", "SPAHead")
+    begin_task(model, TASK1)
+    model.train()
+    head = model.roi_heads.cls_head
+    g = torch.Generator().manual_seed(3)
+    D = model.backbone.embed_dim
+    ctx = model.make_context(F.normalize(torch.randn(1, D, 8, 8, generator=g), dim=1), [(64, 64)])
+    rois = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 20.0, 64.0, 60.0]])]
+    x = torch.randn(2, model.roi_heads.embed.out_features, generator=g)
+
+    def grad(weight):
+        head.ot_weight = weight
+        model.zero_grad(set_to_none=True)
+        head(x, ctx, rois)[:, :20].sum().backward()
+        assert head.projectors[0].weight.grad is None
+        return head.projectors[1].weight.grad.clone()
+
+    with_ot, without = grad(1.0), grad(0.0)
+    assert float((with_ot - without).abs().max()) > 1e-3 * float(without.abs().max()), "the OT score has no gradient"
 
 
 def test_mechanism_spa_old_projectors_bit_identical_after_the_next_task():
@@ -141,10 +198,22 @@ def test_mechanism_sevpr_raw_prototypes_are_frozen_clip_means_unchanged_by_train
     feats, labels = torch.cat(feats), torch.cat(labels)
     for c in labels.unique().tolist():
         torch.testing.assert_close(raw[c], F.normalize(feats[labels == c].mean(0), dim=0))
-    # the next task's training leaves them bit-identical; a retrained feature path gives the same
+    # the next task's training leaves them bit-identical, also when its images show old classes
+    # (labelled here, so their RoIs reach the running means); a retrained feature path gives the same
+    counts = head.proto_counts.clone()
     begin_task(model, TASK1)
-    _train(model, cfg, TASK1, 1)
-    assert torch.equal(head.prototypes[:10], raw[:10])
+    model.train()
+    opt = build_optimizer(cfg, model)
+    for s in range(2):
+        batch = _batch(TASK1, seed=s)
+        for i, x in enumerate(batch):
+            x["classes"] = torch.tensor([i, 12 + i])  # an old class and a new one
+        losses = model(batch)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+    assert torch.equal(head.prototypes[:10], raw[:10]) and torch.equal(head.proto_counts[:10], counts[:10])
+    assert float(head.proto_counts[12]) > 0 and float(head.prototypes[12].norm()) > 0.5  # the new class's running mean
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -270,6 +339,74 @@ def test_mechanism_faster_ilod_terms_zero_for_the_teacher_positive_when_perturbe
     for term in ("feat", "rpn", "roi"):
         value = losses[f"loss_ilod_{term}"]
         assert (value > 0) if term in moved else (value == 0.0), (part, losses)
+
+
+def test_mechanism_faster_ilod_feature_term_trains_the_students_pyramid():
+    """loss_ilod_feat = sum over levels of mean(relu((t - mean t) - (s - mean s))) of the teacher's
+    and the student's FPN maps (computed here by each model's own backbone, in float64 numpy); its
+    gradient reaches the student's pyramid and nothing of the teacher or of the heads."""
+    _, model = _first_task("MODEL.CONTINUAL_LOSSES", "['FasterILODDistill']")
+    teacher = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("backbone.fpn"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    batch = _batch(TASK0, seed=3)
+    model.set_teacher(teacher)
+    model.train()
+    with torch.no_grad():
+        images = model.preprocess(batch).tensors
+        s = {k: v.double().numpy() for k, v in model.backbone(images)["features"].items()}
+        t = {k: v.double().numpy() for k, v in teacher.backbone(images)["features"].items()}
+    ref = sum(np.maximum((t[k] - t[k].mean()) - (s[k] - s[k].mean()), 0).mean() for k in s)
+    losses = model(batch)
+    assert float(losses["loss_ilod_feat"].detach()) == pytest.approx(ref, rel=1e-4) and ref > 0
+    grads = _grads_of(model, losses["loss_ilod_feat"])
+    assert float(sum(grads[n].abs().sum() for n in grads if n.startswith("backbone.fpn") and grads[n] is not None)) > 0
+    assert all(grads[n] is None for n in grads if n.startswith(("roi_heads", "proposal_generator")))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_faster_ilod_rpn_and_roi_terms_are_the_hand_computed_values():
+    """The RPN term (objectness where the teacher is higher, box deltas where it is higher by more
+    than the threshold) and the RoI term (centred logits of [old, background], box deltas) by
+    explicit loops over anchors, RoIs and classes."""
+    from clcl_det.modeling.losses.distillation import filtered_rpn_distillation, roi_distillation
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 4, 5), (2, 3, 2, 3)]
+    so, to = [torch.randn(s, generator=g) for s in shapes], [torch.randn(s, generator=g) for s in shapes]
+    sd = [torch.randn(b, 4 * a, h, w, generator=g) for b, a, h, w in shapes]
+    td = [torch.randn(b, 4 * a, h, w, generator=g) for b, a, h, w in shapes]
+    terms = []
+    for lo, lt, dso, dto, (B, A, H, W) in zip(so, to, sd, td, shapes):
+        obj = box = 0.0
+        for b in range(B):
+            for a in range(A):
+                for y in range(H):
+                    for x in range(W):
+                        diff = float(lt[b, a, y, x] - lo[b, a, y, x])
+                        obj += max(diff, 0.0) ** 2
+                        if diff > 0.1:
+                            box += sum(float(dso[b, 4 * a + j, y, x] - dto[b, 4 * a + j, y, x]) ** 2 for j in range(4))
+        n = B * A * H * W
+        terms.append(obj / n + box / n)
+    got = filtered_rpn_distillation(so, sd, to, td, 0.1)
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+    k_old, K = 3, 5
+    s_log, t_log = torch.randn(4, K + 1, generator=g), torch.randn(4, k_old + 1, generator=g)
+    s_del, t_del = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    cls = box = 0.0
+    for r in range(4):
+        sm, tm = float(s_log[r].mean()), float(t_log[r].mean())
+        s_kept = [float(s_log[r, c]) - sm for c in range(k_old)] + [float(s_log[r, K]) - sm]
+        t_all = [float(t_log[r, c]) - tm for c in range(k_old + 1)]
+        cls += sum((a - b) ** 2 for a, b in zip(s_kept, t_all))
+        box += sum(float(s_del[r, j] - t_del[r, j]) ** 2 for j in range(4))
+    ref = cls / (4 * (k_old + 1)) + box / 4
+    assert float(roi_distillation(s_log, s_del, t_log, t_del)) == pytest.approx(ref, rel=1e-5)
 
 
 # -- the configs without each continual part --------------------------------------------------------------

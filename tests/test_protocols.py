@@ -351,7 +351,7 @@ def test_eva02_clclip_voc_config_builds_and_detects():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = setup_cfg(os.path.join(repo, "configs", "clclip", "clclip_voc_10+10_eva02.yaml"), [
         "MODEL.CLIP.PRETRAINED", "", "INPUT.IMAGE_SIZE", "64", "MODEL.CLIP.TEMPLATES", "simple",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     assert cfg.MODEL.CLIP.ARCH == "EVA02-B-16" and cfg.CONTINUAL.TASKS == "10+10"
     torch.manual_seed(0)
     from clcl_det.continual import begin_task
@@ -364,3 +364,4 @@ def test_eva02_clclip_voc_config_builds_and_detects():
         out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
     assert set(out[0]) >= {"boxes", "scores", "labels"} and model.backbone.embed_dim == 512
     assert out[0]["boxes"].shape[0] == out[0]["scores"].shape[0] and model.backbone.encoder.width == 768
+    assert len(out[0]["boxes"]) > 0 and bool((out[0]["labels"] == 0).all())  # at least one detection, of the one class

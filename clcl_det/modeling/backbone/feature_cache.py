@@ -25,6 +25,7 @@ class FrozenFeatureCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self._strides: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # the encoder's output strides, by shape
 
     def __deepcopy__(self, memo: Dict[int, object]) -> "FrozenFeatureCache":
         return self
@@ -52,6 +53,22 @@ class FrozenFeatureCache:
             _, (taps, dense) = self._entries.popitem(last=False)
             self.bytes -= sum(t.numel() * t.element_size() for t in [*taps, dense])
 
+    def _remember_strides(self, outputs: Outputs) -> None:
+        for t in [*outputs[0], outputs[1]]:
+            self._strides.setdefault(tuple(t.shape[1:]), t.stride())
+
+    def _assemble(self, pieces: List[Tensor]) -> Tensor:
+        """The per-image `pieces` as one batch tensor laid out in memory as the encoder lays out its
+        outputs (later layers may pick other kernels, and round otherwise, for another layout)."""
+        first = pieces[0]
+        stride = self._strides.get(tuple(first.shape))
+        if stride is None:
+            return torch.stack(pieces)
+        out = torch.empty_strided((len(pieces), *first.shape), stride, dtype=first.dtype, device=first.device)
+        for row, piece in zip(out, pieces):
+            row.copy_(piece)
+        return out
+
     def __call__(self, encode: Callable[[Tensor], Outputs], images: Tensor) -> Outputs:
         keys = [self.key(im) for im in images]
         found = {k: self._entries[k] for k in keys if k in self._entries}
@@ -62,14 +79,16 @@ class FrozenFeatureCache:
         self.misses += len(miss)
         if len(miss) == len(keys):
             taps, dense = encode(images)
+            self._remember_strides((taps, dense))
             for i, k in enumerate(keys):
                 self._put(k, ([t[i].clone() for t in taps], dense[i].clone()))
             return taps, dense
         if miss:
             taps, dense = encode(images[miss])
+            self._remember_strides((taps, dense))
             for j, i in enumerate(miss):
                 found[keys[i]] = ([t[j].clone() for t in taps], dense[j].clone())
                 self._put(keys[i], found[keys[i]])
         rows = [found[k] for k in keys]
-        return ([torch.stack([r[0][level] for r in rows]) for level in range(len(rows[0][0]))],
-                torch.stack([r[1] for r in rows]))
+        return ([self._assemble([r[0][level] for r in rows]) for level in range(len(rows[0][0]))],
+                self._assemble([r[1] for r in rows]))
