@@ -192,7 +192,7 @@ MUTANTS: List[Mutant] = [
       T_CH + "test_replay_statistics_and_sampling_reproduce_moments[full]"),
     # -- SE-VPR ---------------------------------------------------------------------------------------
     M("sevpr_final_prototypes_updated", "SE-VPR: exact prototypes updated by later training", PROTO,
-      "fg[fg.clone()] &= ~self.proto_final[labels[fg]]", "pass",
+      "(labels < K) & ~self.proto_final[lab])", "(labels < K))",
       T_MH + "test_mechanism_sevpr_raw_prototypes_are_frozen_clip_means_unchanged_by_training"),
     M("sevpr_running_mean_overwrites_final", "SE-VPR: running means overwrite exact prototypes", PROTO,
       "upd = (self.proto_counts > 0) & ~self.proto_final", "upd = self.proto_counts > 0",

@@ -25,7 +25,7 @@ class FrozenFeatureCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._strides: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # the encoder's output strides, by shape
+        self._strides: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # the encoder's output strides, by (output, shape)
 
     def __deepcopy__(self, memo: Dict[int, object]) -> "FrozenFeatureCache":
         return self
@@ -54,14 +54,15 @@ class FrozenFeatureCache:
             self.bytes -= sum(t.numel() * t.element_size() for t in [*taps, dense])
 
     def _remember_strides(self, outputs: Outputs) -> None:
-        for t in [*outputs[0], outputs[1]]:
-            self._strides.setdefault(tuple(t.shape[1:]), t.stride())
+        for i, t in enumerate([*outputs[0], outputs[1]]):
+            self._strides.setdefault((i, *t.shape[1:]), t.stride())
 
-    def _assemble(self, pieces: List[Tensor]) -> Tensor:
-        """The per-image `pieces` as one batch tensor laid out in memory as the encoder lays out its
-        outputs (later layers may pick other kernels, and round otherwise, for another layout)."""
+    def _assemble(self, output: int, pieces: List[Tensor]) -> Tensor:
+        """The per-image `pieces` of the encoder's `output`-th tensor as one batch tensor laid out in
+        memory as the encoder lays it out (later layers may pick other kernels, and round otherwise,
+        for another layout)."""
         first = pieces[0]
-        stride = self._strides.get(tuple(first.shape))
+        stride = self._strides.get((output, *first.shape))
         if stride is None:
             return torch.stack(pieces)
         out = torch.empty_strided((len(pieces), *first.shape), stride, dtype=first.dtype, device=first.device)
@@ -90,5 +91,6 @@ class FrozenFeatureCache:
                 found[keys[i]] = ([t[j].clone() for t in taps], dense[j].clone())
                 self._put(keys[i], found[keys[i]])
         rows = [found[k] for k in keys]
-        return ([self._assemble([r[0][level] for r in rows]) for level in range(len(rows[0][0]))],
-                self._assemble([r[1] for r in rows]))
+        levels = len(rows[0][0])
+        return ([self._assemble(level, [r[0][level] for r in rows]) for level in range(levels)],
+                self._assemble(levels, [r[1] for r in rows]))
