@@ -129,7 +129,8 @@ def solve_ot_batch(cost: Tensor, token_mask: Tensor, epsilon: float, method: str
     autograd, so the Sinkhorn iterations are not recorded."""
     method = ot_method_for(method, epsilon, cost.device)
     with torch.autocast(cost.device.type, enabled=False):  # Sinkhorn in float32 whatever the AMP dtype
-        cost = cost.float().masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
+        cost = cost.to(torch.promote_types(cost.dtype, torch.float32))  # at least float32
+        cost = cost.masked_fill(~token_mask[:, None, :], 0.0)  # finite; carries no mass
         with torch.no_grad():
             mass = token_mask.to(cost.dtype)
             b = mass / mass.sum(dim=-1, keepdim=True)

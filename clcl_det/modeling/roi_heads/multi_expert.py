@@ -192,6 +192,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     (zero-shot evaluation) come from the shared branch; with "task" a finished task's classes take
     their boxes from its copy of the shared regressor, frozen at the task's end."""
 
+    loss_names = FViTRoIHeads.loss_names + ("loss_cls_shared",)  # the shared branch's own class loss
+
     @configurable
     def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
                  freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
