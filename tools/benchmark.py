@@ -114,20 +114,12 @@ def clclip(args: argparse.Namespace) -> None:
 
 def _train_batches(n: int, size: int, num_classes: int, seed: int = 0):
     """An endless stream of batches of `n` mapped training samples (random pixels, 1-4 random boxes)."""
-    g = torch.Generator().manual_seed(seed)
-    k = 0
+    from clcl_det.continual.gpu_check import synthetic_batch
+
+    k = seed
     while True:
-        batch = []
-        for _ in range(n):
-            m = int(torch.randint(1, 5, (), generator=g))
-            xy = torch.rand(m, 2, generator=g) * size * 0.7
-            wh = (0.1 + torch.rand(m, 2, generator=g) * 0.2) * size
-            batch.append({"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
-                          "boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1),
-                          "classes": torch.randint(0, num_classes, (m,), generator=g),
-                          "height": size, "width": size, "image_id": k, "file_name": "", "seed": k})
-            k += 1
-        yield batch
+        yield synthetic_batch(n, size, (0, num_classes), seed=k)
+        k += 1
 
 
 def train(args: argparse.Namespace) -> None:

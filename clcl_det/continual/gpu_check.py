@@ -35,7 +35,7 @@ from ..modeling import build_model
 from ..utils.checkpoint import DetectionCheckpointer
 from .lifecycle import begin_task, end_task, needs_teacher, task_data
 
-__all__ = ["Check", "Profile", "PROFILES", "SCENARIOS", "run_gpu_check", "format_report"]
+__all__ = ["Check", "Profile", "PROFILES", "SCENARIOS", "run_gpu_check", "format_report", "synthetic_batch"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AMP_TOLERANCE = 1e-2  # |loss(autocast) - loss(fp32)| <= AMP_TOLERANCE * max(1, |loss(fp32)|)
@@ -79,7 +79,7 @@ SCENARIOS: Dict[str, Tuple[str, str, str, Sequence[str]]] = {
 }
 
 
-def _batches(n: int, size: int, classes: Tuple[int, int], seed: int) -> List[Dict[str, Any]]:
+def synthetic_batch(n: int, size: int, classes: Tuple[int, int], seed: int) -> List[Dict[str, Any]]:
     """`n` synthetic training samples (random pixels, 1-4 random boxes of `classes` [start, stop))."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -100,7 +100,7 @@ def _stream(n: int, size: int, task: Task) -> Callable[[int], Iterator[List[Dict
     def data_fn(start: int) -> Iterator[List[Dict[str, Any]]]:
         i = start
         while True:
-            yield _batches(n, size, (task.start, task.stop), seed=10_000 + i)
+            yield synthetic_batch(n, size, (task.start, task.stop), seed=10_000 + i)
             i += 1
     return data_fn
 
@@ -174,14 +174,14 @@ class _Scenario:
         size = profile.image_size
         begin_task(self.model, first)
         end_task(self.model, first)
-        task_data(self.model, first, lambda: [_batches(2, size, (first.start, first.stop), seed=s) for s in range(2)])
+        task_data(self.model, first, lambda: [synthetic_batch(2, size, (first.start, first.stop), seed=s) for s in range(2)])
         self.teacher = copy.deepcopy(self.model) if needs_teacher(self.model) else None
         begin_task(self.model, self.task)
         self.model.set_teacher(self.teacher)
         self.model.train()
 
     def batch(self, n: int, seed: int = 0) -> List[Dict[str, Any]]:
-        return _batches(n, self.profile.image_size, (self.task.start, self.task.stop), seed)
+        return synthetic_batch(n, self.profile.image_size, (self.task.start, self.task.stop), seed)
 
     def copy(self) -> nn.Module:
         m = copy.deepcopy(self.model)  # shares the frozen CLIP; the teacher is set again
