@@ -133,6 +133,20 @@ def _check_taps(tap_indices: Sequence[int], num_blocks: int) -> List[int]:
     return taps
 
 
+def _set_timm_tower(encoder: nn.Module, visual: nn.Module, trunk: nn.Module, tap_indices: Sequence[int]) -> None:
+    """The attributes every dense encoder of an open_clip tower around a timm trunk has: the tower, its
+    trunk, the tapped blocks, the patch size, the token width and the embedding width (the last
+    Linear of the trunk's and the tower's heads, or the token width)."""
+    encoder.visual = visual
+    encoder.trunk = trunk
+    encoder.tap_indices = _check_taps(tap_indices, len(trunk.blocks))
+    patch = trunk.patch_embed.patch_size
+    encoder.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    encoder.width = int(trunk.embed_dim)
+    projections = [m for part in (trunk.head, visual.head) for m in part.modules() if isinstance(m, nn.Linear)]
+    encoder.embed_dim = int(projections[-1].out_features) if projections else encoder.width
+
+
 class EvaDenseEncoder(nn.Module):
     """`CLIPDenseEncoder` for open_clip's EVA02 towers (`TimmModel` around a timm `Eva` trunk,
     e.g. EVA02-B-16): same outputs, any input size divisible by the patch size.
@@ -152,14 +166,7 @@ class EvaDenseEncoder(nn.Module):
                                 f"{type(trunk or visual).__name__} has no '{attr}'")
         if getattr(trunk, "global_pool", "token") != "token" or getattr(trunk, "reg_token", None) is not None:
             raise NotImplementedError("EVA towers with average pooling or register tokens are not supported")
-        self.visual = visual
-        self.trunk = trunk
-        self.tap_indices = _check_taps(tap_indices, len(trunk.blocks))
-        patch = trunk.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.width = int(trunk.embed_dim)
-        projections = [m for part in (trunk.head, visual.head) for m in part.modules() if isinstance(m, nn.Linear)]
-        self.embed_dim = int(projections[-1].out_features) if projections else self.width
+        _set_timm_tower(self, visual, trunk, tap_indices)
 
     def _rope(self, h: int, w: int) -> Tensor:
         """The trunk's rotary embedding at an h x w grid (cached). A rope with a fixed feature shape
@@ -247,14 +254,7 @@ class SigLIPDenseEncoder(nn.Module):
         if pool is None or getattr(trunk, "num_prefix_tokens", 0) or getattr(pool, "pos_embed", None) is not None:
             raise NotImplementedError("SigLIP dense features need an attention-pool head without its own positions "
                                       "and a trunk without class or register tokens")
-        self.visual = visual
-        self.trunk = trunk
-        self.tap_indices = _check_taps(tap_indices, len(trunk.blocks))
-        patch = trunk.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.width = int(trunk.embed_dim)
-        projections = [m for part in (trunk.head, visual.head) for m in part.modules() if isinstance(m, nn.Linear)]
-        self.embed_dim = int(projections[-1].out_features) if projections else self.width
+        _set_timm_tower(self, visual, trunk, tap_indices)
 
     def _pool_v_path(self, x: Tensor) -> Tensor:
         """The attention pool applied to each token alone (attention weight 1 on itself): B x N x width."""
