@@ -52,6 +52,7 @@ def M(name: str, mechanism: str, file: str, original: str, replacement: str, *te
 
 
 ME = "clcl_det/modeling/roi_heads/multi_expert.py"
+PRIOR = "clcl_det/modeling/roi_heads/class_prior.py"
 CV = "clcl_det/modeling/cost_volume.py"
 DRIFT = "clcl_det/modeling/losses/drift.py"
 ORTH = "clcl_det/modeling/losses/orthogonality.py"
@@ -77,16 +78,16 @@ T_EV = "tests/test_evaluation.py::"
 
 MUTANTS: List[Mutant] = [
     # -- CL-CLIP: cost-volume prior and gating ------------------------------------------------------
-    M("prior_gate_zero", "CL-CLIP residual gating: experts never see the prior", ME,
-      "return f * (1 + self.gamma * m[:, :, None])", "return f * (1 + 0 * self.gamma * m[:, :, None])",
+    M("prior_gate_zero", "CL-CLIP residual gating: experts never see the prior", PRIOR,
+      "return f * (1 + gamma * m[:, :, None])", "return f * (1 + 0 * gamma * m[:, :, None])",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("gating_multiply_drops_prior", "CL-CLIP multiply gating ignores the prior", ME,
+    M("gating_multiply_drops_prior", "CL-CLIP multiply gating ignores the prior", PRIOR,
       "return f * m[:, :, None]", "return f.expand(-1, m.shape[1], -1, -1, -1)",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("gating_concat_drops_prior", "CL-CLIP concat gating: a zero prior channel", ME,
+    M("gating_concat_drops_prior", "CL-CLIP concat gating: a zero prior channel", PRIOR,
       "m[:, :, None]], dim=2)", "torch.zeros_like(m[:, :, None])], dim=2)",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("prior_over_later_classes", "CL-CLIP prior: a task's softmax over later classes too", ME,
+    M("prior_over_later_classes", "CL-CLIP prior: a task's softmax over later classes too", PRIOR,
       "ctx.class_embeddings[start:stop]", "ctx.class_embeddings[start:]",
       T_CL + "test_mechanism_head_prior_unchanged_by_later_tasks"),
     M("prior_sigmoid_without_background", "cost-volume prior: sigmoid ignores the background", CV,
