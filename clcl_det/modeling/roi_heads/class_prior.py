@@ -10,9 +10,12 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from ..context import HeadContext
-from ..cost_volume import category_prior
+from ..cost_volume import cost_volume, inset_boxes, normalize_prior
 
-__all__ = ["GATINGS", "Gating", "CostVolumePrior", "UniformPrior"]
+__all__ = ["GATINGS", "Gating", "CostVolumePrior", "UniformPrior", "PRIOR_VOCABULARIES"]
+
+
+_TINY = 1e-12  # the smallest map maximum a normalised gating divides by (an all-zero map stays zero)
 
 
 def _residual(f: Tensor, m: Tensor, gamma: float) -> Tensor:
@@ -21,6 +24,10 @@ def _residual(f: Tensor, m: Tensor, gamma: float) -> Tensor:
 
 def _multiply(f: Tensor, m: Tensor, gamma: float) -> Tensor:
     return f * m[:, :, None]
+
+
+def _normalized(f: Tensor, m: Tensor, gamma: float) -> Tensor:
+    return f * (m / m.amax(dim=(2, 3), keepdim=True).clamp(min=_TINY))[:, :, None]
 
 
 def _concat(f: Tensor, m: Tensor, gamma: float) -> Tensor:
@@ -37,6 +44,7 @@ class Gating(NamedTuple):
 GATINGS: Dict[str, Gating] = {  # MULTI_EXPERT.GATING
     "residual": Gating(_residual, 0),  # f * (1 + gamma m)
     "multiply": Gating(_multiply, 0),  # f * m
+    "normalized": Gating(_normalized, 0),  # f * m / max_RoI(m): where m lies in the RoI, whatever its level
     "concat": Gating(_concat, 1),  # [f, m]
 }
 
@@ -52,36 +60,81 @@ def _ranges(task_sizes: Sequence[int], num: int) -> List[Tuple[int, int]]:
     return out
 
 
-class CostVolumePrior:
-    """Each class's cost-volume prior, computed task by task (`category_prior` over the task's
-    classes and the background) and RoIAligned at the RoI features' resolution."""
+PRIOR_VOCABULARIES = ("task", "seen")
 
-    def __init__(self, temperature: float, norm: str, resolution: int):
-        self.temperature, self.norm, self.resolution = temperature, norm, resolution
+
+class CostVolumePrior:
+    """Each class's cost-volume prior, computed task by task and read per RoI in two ways:
+
+    - the map (`pooled`): the prior of every cell (`normalize_prior` of the cell's cosines),
+      RoIAligned at the RoI features' resolution; it says where class k lies inside the RoI;
+    - the level (`level`): `normalize_prior` of the RoI's mean cosines (the cost volume RoIAligned
+      over the RoI moved in by `level_inset` cells on each side, averaged); it says how much the
+      RoI as a whole looks like class k.
+
+    A task's prior is normalised over its own classes and the background (`vocabulary` "task") or
+    over every class seen up to and including its task and the background ("seen": in a one-class
+    task class k is then told apart from the earlier classes' objects too); never over later
+    classes, so what an old expert sees does not change when classes are added, not by a bit.
+    `temperature` 0 is the CLIP's own: 1 / its logit scale (ctx.clip_logit_scale)."""
+
+    def __init__(self, temperature: float, norm: str, vocabulary: str, level_inset: float, resolution: int):
+        if vocabulary not in PRIOR_VOCABULARIES:
+            raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.VOCABULARY '{vocabulary}' is not one of {PRIOR_VOCABULARIES}")
+        if temperature < 0:
+            raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.TEMPERATURE ({temperature}) must be >= 0 (0 = the CLIP's own)")
+        self.temperature, self.norm, self.vocabulary, self.resolution = temperature, norm, vocabulary, resolution
+        self.level_inset = level_inset
+
+    def _temperature(self, ctx: HeadContext) -> float:
+        return self.temperature if self.temperature > 0 else 1.0 / ctx.clip_logit_scale
+
+    def _costs(self, ctx: HeadContext, task_sizes: Sequence[int]) -> List[Tuple[Tensor, int]]:
+        """Per task (among the first ctx.num_classes classes): the cosines of its normalising
+        vocabulary and the background, B x (n' + 1) x h x w, and where its own classes start in it."""
+        out = []
+        for start, stop in _ranges(task_sizes, ctx.num_classes):
+            lo = start if self.vocabulary == "task" else 0
+            text = torch.cat([ctx.class_embeddings[lo:stop], ctx.background_embedding[None]], dim=0)
+            out.append((cost_volume(ctx.clip_dense, text), start - lo))
+        return out
 
     def maps(self, ctx: HeadContext, task_sizes: Sequence[int]) -> Tuple[Tensor, Tensor]:
         """The prior of every class of the tasks of `task_sizes` classes that is in the vocabulary
         (the first ctx.num_classes), B x K x h x w, and each of these tasks' background column,
-        B x T x h x w: a class's map depends on its own task's vocabulary
-        and the background only (per class for NORM sigmoid, over its task's classes for softmax), so
-        classes added later cannot change it, not even in the last bit."""
-        parts, bg = [], []
-        for start, stop in _ranges(task_sizes, ctx.num_classes):
-            p = category_prior(ctx.clip_dense, ctx.class_embeddings[start:stop], ctx.background_embedding,
-                               self.temperature, self.norm)
-            parts.append(p[:, :-1])
-            bg.append(p[:, -1:])
-        return torch.cat(parts, dim=1), torch.cat(bg, dim=1)
+        B x T x h x w."""
+        T = self._temperature(ctx)
+        parts = [(normalize_prior(c, T, self.norm), own) for c, own in self._costs(ctx, task_sizes)]
+        return torch.cat([p[:, own:-1] for p, own in parts], dim=1), torch.cat([p[:, -1:] for p, _ in parts], dim=1)
+
+    def _cached(self, ctx: HeadContext, task_sizes: Sequence[int]) -> None:
+        """The maps and the per-task cosines, once per batch (in ctx.extras)."""
+        if "prior" not in ctx.extras:
+            ctx.extras["prior"], ctx.extras["bg_prior"] = self.maps(ctx, task_sizes)
+            ctx.extras["prior_costs"] = self._costs(ctx, task_sizes)
 
     def pooled(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
                background: bool = False) -> Tensor:
-        """The prior of the first `num` classes (`background`: the first `num` tasks' background
-        columns) RoIAligned like the features: R x num x P x P. The maps are computed once per batch
-        (cached in ctx.extras)."""
-        if "prior" not in ctx.extras:
-            ctx.extras["prior"], ctx.extras["bg_prior"] = self.maps(ctx, task_sizes)
+        """The map of the first `num` classes (`background`: the first `num` tasks' background
+        columns) RoIAligned like the features: R x num x P x P."""
+        self._cached(ctx, task_sizes)
         prior = ctx.extras["bg_prior" if background else "prior"][:, :num]
-        return roi_align(prior, list(rois), self.resolution, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2,
+        return self._roi_align(prior, rois, ctx)
+
+    def level(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
+              background: bool = False) -> Tensor:
+        """The level of the first `num` classes (`background`: the first `num` tasks' background
+        columns): R x num."""
+        self._cached(ctx, task_sizes)
+        T, parts = self._temperature(ctx), []
+        inner = [inset_boxes(r, self.level_inset, ctx.clip_stride) for r in rois]
+        for cost, own in ctx.extras["prior_costs"]:
+            p = normalize_prior(self._roi_align(cost, inner, ctx).mean(dim=(2, 3)), T, self.norm)
+            parts.append(p[:, -1:] if background else p[:, own:-1])
+        return torch.cat(parts, dim=1)[:, :num]
+
+    def _roi_align(self, maps: Tensor, rois: List[Tensor], ctx: HeadContext) -> Tensor:
+        return roi_align(maps, list(rois), self.resolution, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2,
                          aligned=True)
 
 
@@ -92,10 +145,17 @@ class UniformPrior:
     def __init__(self, resolution: int):
         self.resolution = resolution
 
+    def _levels(self, ctx: HeadContext, task_sizes: Sequence[int], num: int, background: bool) -> Tensor:
+        return torch.cat([ctx.clip_dense.new_full((1 if background else n,), 1.0 / (n + 1))
+                          for n in task_sizes])[:num]
+
     def pooled(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
                background: bool = False) -> Tensor:
         """R x num x P x P, like `CostVolumePrior.pooled`."""
         R, P = sum(len(r) for r in rois), self.resolution
-        level = torch.cat([ctx.clip_dense.new_full((1 if background else n,), 1.0 / (n + 1))
-                           for n in task_sizes])[:num]
-        return level[None, :, None, None].expand(R, num, P, P)
+        return self._levels(ctx, task_sizes, num, background)[None, :, None, None].expand(R, num, P, P)
+
+    def level(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
+              background: bool = False) -> Tensor:
+        """R x num, like `CostVolumePrior.level`."""
+        return self._levels(ctx, task_sizes, num, background)[None].expand(sum(len(r) for r in rois), num)

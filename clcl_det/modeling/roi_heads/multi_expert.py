@@ -32,6 +32,7 @@ __all__ = ["ExpertChunk", "ExpertBank", "MultiExpertRoIHeads", "GATINGS"]
 
 BOX_REGS = ("shared", "task")
 _MAX_PATHWAY_ELEMENTS = 2**21  # expert-conv chunk bound on a CPU: 8 MB of float32 pathway inputs (cache-sized); a GPU's: chunk_elements
+_LEVEL_FLOOR = 1e-6  # the prior level's floor in its log (a sigmoid's background column can be 0)
 _MAX_GATHERED_ELEMENTS = 2**28  # training with per-RoI classes on a CPU: pathway + gathered weight elements per chunk (a memory bound)
 
 
@@ -39,8 +40,10 @@ _MAX_GATHERED_ELEMENTS = 2**28  # training with per-RoI classes on a CPU: pathwa
 class MultiExpertRoIHeads(FViTRoIHeads):
     """F-ViT RoI head + cost-volume category decoupling + per-class experts (docs/methods.md, CL-CLIP).
 
-    Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) come from expert k on the pathway
-    f_r * (1 + gamma m_{r,k}) (or f_r * m_{r,k}, or [f_r, m_{r,k}]). With `background` "task" each
+    Class logits s_{r,k} = tau_k cos(z_{r,k}, t_k) + beta log(l_{r,k} / l_{r,bg}) come from expert k on
+    the pathway f_r * m_{r,k} / max m_{r,k} (GATING normalized; or f_r * m_{r,k}, f_r * (1 + gamma
+    m_{r,k}), [f_r, m_{r,k}]) and from the prior's level l over the RoI: the map m says where class k
+    lies inside the RoI, the level how much the RoI looks like it (`class_prior`). With `background` "task" each
     task also has a background expert b_t (pathway gated by its task's background prior, logit
     tau cos(z, t_bg)), frozen with the task's class experts, and a class's probability is the softmax
     over its own task's logits and b_t: an old class's score depends on frozen experts, the FPN and
@@ -52,9 +55,10 @@ class MultiExpertRoIHeads(FViTRoIHeads):
     loss_names = FViTRoIHeads.loss_names + ("loss_cls_shared",)  # the shared branch's own class loss
 
     @configurable
-    def __init__(self, *, expert_dim: int = 16, gating: str = "residual", gamma: float = 1.0, topk: int = 0,
-                 freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.01,
-                 prior_norm: str = "softmax", bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
+    def __init__(self, *, expert_dim: int = 16, gating: str = "normalized", gamma: float = 1.0, topk: int = 0,
+                 freeze: bool = True, use_cost_volume: bool = True, prior_temperature: float = 0.0,
+                 prior_norm: str = "softmax", prior_vocabulary: str = "seen", prior_level_inset: float = 0.25,
+                 prior_logit_weight: float = 1.0, bg_ignore_thresh: float = 0.5, shared_class_logits: bool = False,
                  expert_temperature: float = 50.0, pool_size: int = 7, expert_norm: str = "GN",
                  shared_class_loss_weight: float = 1.0, background: str = "task", trunk: str = "box_head",
                  trunk_convs: int = 4, box_reg: str = "shared", **kwargs: Any):
@@ -63,6 +67,9 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.GATING '{gating}' is not one of {tuple(GATINGS)}")
         if prior_norm not in PRIOR_NORMS:
             raise ValueError(f"MODEL.CLCLIP.COST_VOLUME.NORM '{prior_norm}' is not one of {PRIOR_NORMS}")
+        if prior_logit_weight and prior_norm == "none":
+            raise ValueError("MODEL.CLCLIP.MULTI_EXPERT.PRIOR_LOGIT_WEIGHT needs a prior in [0, 1] "
+                             "(COST_VOLUME.NORM softmax or sigmoid), not the raw cosines of NORM 'none'")
         if expert_norm not in ("none", "GN"):
             raise ValueError(f"MODEL.CLCLIP.MULTI_EXPERT.NORM '{expert_norm}' is not one of none | GN")
         if background not in self._BACKGROUNDS:
@@ -91,6 +98,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         self.background = background
         self.gating, self.gamma, self.topk, self.freeze = gating, gamma, topk, freeze
         self.use_cost_volume, self.prior_temperature, self.prior_norm = use_cost_volume, prior_temperature, prior_norm
+        self.prior_logit_weight = prior_logit_weight
         self.bg_ignore_thresh, self.shared_class_logits = bg_ignore_thresh, shared_class_logits
         self.shared_class_loss_weight = shared_class_loss_weight
         # BOX_REG task: per task, a copy of the shared regressor (box-head fcs + bbox_pred), created at
@@ -100,8 +108,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         self._box_regs_done = 0
         self.resolution = self.pooler.output_size[0] if isinstance(self.pooler.output_size, (tuple, list)) \
             else self.pooler.output_size
-        self.prior = CostVolumePrior(prior_temperature, prior_norm, self.resolution) if use_cost_volume \
-            else UniformPrior(self.resolution)
+        self.prior = CostVolumePrior(prior_temperature, prior_norm, prior_vocabulary, prior_level_inset,
+                                     self.resolution) if use_cost_volume else UniformPrior(self.resolution)
 
     @classmethod
     def from_config(cls, cfg: Any, in_channels: int, level_names, embed_dim: int) -> Dict[str, Any]:
@@ -109,6 +117,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         me, cv = cfg.MODEL.CLCLIP.MULTI_EXPERT, cfg.MODEL.CLCLIP.COST_VOLUME
         kw.update(expert_dim=me.EXPERT_DIM, gating=me.GATING, gamma=me.GAMMA, topk=me.TOPK, freeze=me.FREEZE,
                   use_cost_volume=cv.ENABLED, prior_temperature=cv.TEMPERATURE, prior_norm=cv.NORM,
+                  prior_vocabulary=cv.VOCABULARY, prior_level_inset=cv.LEVEL_INSET,
+                  prior_logit_weight=me.PRIOR_LOGIT_WEIGHT,
                   bg_ignore_thresh=cfg.MODEL.CLCLIP.BG_IGNORE_THRESH,
                   shared_class_logits=me.SHARED_CLASS_LOGITS, expert_temperature=cfg.MODEL.CLS_HEAD.TEMPERATURE,
                   pool_size=me.POOL_SIZE, expert_norm=me.NORM, shared_class_loss_weight=me.SHARED_CLASS_LOSS_WEIGHT,
@@ -161,6 +171,21 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         (`background`: the first `num` tasks' background columns instead)."""
         return self.prior.pooled(rois, ctx, [c.n for c in self.experts.chunks], num, background)
 
+    def prior_level(self, rois: List[Tensor], ctx: HeadContext, num: int, background: bool = False) -> Tensor:
+        """How much each RoI as a whole looks like each of the first `num` classes: R x num
+        (`background`: the first `num` tasks' background columns instead)."""
+        return self.prior.level(rois, ctx, [c.n for c in self.experts.chunks], num, background)
+
+    def prior_logits(self, rois: List[Tensor], ctx: HeadContext, num: int) -> Tensor:
+        """The prior's term of the first `num` classes' logits (PRIOR_LOGIT_WEIGHT beta): R x num,
+        beta log(level_k / level_bg) with level_bg the background level of class k's task, i.e. the
+        log-odds of class k against the background. Within a task's softmax it multiplies class k's
+        odds against the task's background by (level_k / level_bg) ** beta."""
+        sizes = torch.tensor([b - a for a, b in self.task_ranges(num)], device=ctx.clip_dense.device)
+        level = self.prior_level(rois, ctx, num).clamp(min=_LEVEL_FLOOR).log()
+        bg = self.prior_level(rois, ctx, len(sizes), background=True).clamp(min=_LEVEL_FLOOR).log()
+        return self.prior_logit_weight * (level - bg.repeat_interleave(sizes, dim=1))
+
     def expert_prior(self, ctx: HeadContext) -> Tuple[Tensor, Tensor]:
         """The cost-volume prior of every class that has an expert, B x K x h x w, and each task's
         background column, B x T x h x w (`CostVolumePrior.maps`)."""
@@ -210,13 +235,20 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             return out
         m = self.pooled_prior(rois, ctx, K)
         prior_mean = m.mean(dim=(2, 3))
-        s, act = self.expert_logits(pooled, m, ctx.class_embeddings[:K], self._select(prior_mean, labels))
+        idx = self._select(prior_mean, labels)
+        s, act = self.expert_logits(pooled, m, ctx.class_embeddings[:K], idx)
+        if self.prior_logit_weight:  # the level of the prior; the map reached the experts through the gating
+            s = s + self.prior_logits(rois, ctx, K)
         shared = out["logits"]  # R x (K_vocab + 1)
         if self.shared_class_logits:
             s = s + shared[:, :K]
         out["shared_logits"] = shared
         out["logits"] = self._BACKGROUNDS[self.background](self, s, out, pooled, rois, ctx)
         out["expert_maps"] = F.normalize(act, dim=-1)
+        out["expert_trainable"] = torch.cat([c.w1.new_full((c.n,), c.w1.requires_grad, dtype=torch.bool)
+                                             for c in self.experts.chunks])[:K]
+        if idx is not None:  # the maps are those of each RoI's classes idx
+            out["expert_classes"] = idx
         out["prior_mean"] = prior_mean
         return out
 
