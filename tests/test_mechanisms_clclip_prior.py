@@ -251,3 +251,24 @@ def test_box_prior_quality_on_a_hand_made_cost_volume():
     p = ref / ref.sum(1, keepdim=True)
     assert q.entropy() == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-5)
     assert q.calibration_error() == pytest.approx(1.0 - float(ref[0, 2]), rel=1e-5)  # always right, confidence < 1
+
+
+def test_normalized_gating_and_the_uniform_ablation():
+    """GATING normalized forms f * m / max_RoI(m) (checked on random tensors; a flat map gives f
+    itself). With the uniform prior (COST_VOLUME.ENABLED False) neither route carries CLIP evidence:
+    the level change of the first test moves no logit at all."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    f, m = torch.randn(3, 5, 7, 7, generator=g), torch.rand(3, 4, 7, 7, generator=g)
+    peak = torch.stack([torch.stack([m[r, s].max() for s in range(4)]) for r in range(3)])
+    torch.testing.assert_close(model.roi_heads.pathways(f, m), f[:, None] * (m / peak[:, :, None, None])[:, :, None])
+    torch.testing.assert_close(model.roi_heads.pathways(f, torch.full_like(m, 0.2)), f[:, None].expand(-1, 4, -1, -1, -1))
+
+    uniform = _model(**{"MODEL.CLCLIP.COST_VOLUME.ENABLED": False})
+    h, w = _cells(uniform)
+    t_k = uniform.class_embeddings[K][None, :, None, None].expand(-1, -1, h, w)
+    t_bg = uniform.background_embedding[None, :, None, None]
+    rois = [torch.tensor([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]])]
+    pooled = _pooled(uniform, _features(uniform), rois)
+    low, high = (_logits(uniform, pooled, rois, F.normalize(a * t_k + t_bg, dim=1)) for a in (0.0, 3.0))
+    assert torch.equal(low, high)
