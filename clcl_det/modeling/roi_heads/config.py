@@ -28,7 +28,7 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.MULTI_EXPERT.GATING = "normalized"  # where the prior map lies, as the expert input: normalized f*m/max_RoI(m) | multiply f*m | residual f*(1+g*m) | concat [f, m]
     _C.MODEL.CLCLIP.MULTI_EXPERT.PRIOR_LOGIT_WEIGHT = 1.0  # beta: a class's logit gains beta*log(level_k / level_bg), level = the prior of the RoI's mean cosines (0 = off)
     _C.MODEL.CLCLIP.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
-    _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by prior level (0 = all)
     _C.MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
     _C.MODEL.CLCLIP.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
     _C.MODEL.CLCLIP.MULTI_EXPERT.NORM = "GN"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none

@@ -202,12 +202,12 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         z, scale = self.bg_experts.embed(h)
         return scale * (F.normalize(z, dim=-1) * ctx.background_embedding).sum(-1)
 
-    def _select(self, prior_mean: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
-        """Per-RoI top-k classes by mean prior (None = all); in training a RoI's own class is kept."""
-        K = prior_mean.shape[1]
+    def _select(self, rois: List[Tensor], ctx: HeadContext, K: int, labels: Optional[Tensor]) -> Optional[Tensor]:
+        """Per-RoI top-k of the first K classes by prior level (None = all); in training a RoI's
+        own class is kept."""
         if self.topk <= 0 or self.topk >= K:
             return None
-        idx = prior_mean.topk(self.topk, dim=1).indices
+        idx = self.prior_level(rois, ctx, K).topk(self.topk, dim=1).indices
         if labels is not None:
             fg = (labels >= 0) & (labels < K)
             missing = fg & ~(idx == labels[:, None]).any(dim=1)
@@ -235,7 +235,7 @@ class MultiExpertRoIHeads(FViTRoIHeads):
             return out
         m = self.pooled_prior(rois, ctx, K)
         prior_mean = m.mean(dim=(2, 3))
-        idx = self._select(prior_mean, labels)
+        idx = self._select(rois, ctx, K, labels)
         s, act = self.expert_logits(pooled, m, ctx.class_embeddings[:K], idx)
         if self.prior_logit_weight:  # the level of the prior; the map reached the experts through the gating
             s = s + self.prior_logits(rois, ctx, K)
