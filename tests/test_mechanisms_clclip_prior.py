@@ -150,13 +150,13 @@ def _frozen_pair_setup():
 
 
 def test_orthogonality_pairs_the_labelled_class_with_the_others():
-    """With labels: mean over the foreground RoIs and k != y of (a_y . a_k)^2 (checked against a
-    loop); background (label S) and ignored (-1) RoIs add nothing."""
+    """With labels: the sum over the foreground RoIs and k != y of (a_y . a_k)^2 over R (S - 1)
+    (checked against a loop); background (label S) and ignored (-1) RoIs add nothing."""
     maps, _ = _frozen_pair_setup()
     labels = torch.tensor([2, 0, 4, -1, 3])
     terms = [float(maps[r, labels[r]] @ maps[r, k]) ** 2 for r in range(5) if 0 <= labels[r] < 4
              for k in range(4) if k != labels[r]]
-    assert float(orthogonality_loss(maps, labels)) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert float(orthogonality_loss(maps, labels)) == pytest.approx(sum(terms) / (5 * 3), rel=1e-5)
     # a RoI's own map against itself is never a pair: identical maps of other classes give 1
     same = F.normalize(torch.rand(3, 1, 9), dim=-1).expand(3, 4, 9)
     assert float(orthogonality_loss(same, torch.tensor([0, 1, 3]))) == pytest.approx(1.0, abs=1e-6)
@@ -166,7 +166,7 @@ def test_orthogonality_pairs_the_labelled_class_with_the_others():
 def test_orthogonality_no_gradient_from_two_frozen_experts():
     """A RoI labelled with a frozen class: its pairs with the other frozen class are left out (no
     gradient at all to the frozen maps); its pairs with trainable classes train those only. The
-    loss equals the mean over the pairs that hold a trainable expert."""
+    loss sums the pairs that hold a trainable expert (over R (S - 1))."""
     maps, trainable = _frozen_pair_setup()
     labels = torch.tensor([0, 1, 0, 2, 1])
     loss = orthogonality_loss(maps, labels, trainable=trainable)
@@ -175,7 +175,7 @@ def test_orthogonality_no_gradient_from_two_frozen_experts():
     assert float(maps.grad[:, 2:].abs().sum()) > 0
     terms = [float(maps[r, labels[r]] @ maps[r, k]) ** 2 for r in range(5) for k in range(4)
              if k != labels[r] and (trainable[k] or trainable[labels[r]])]
-    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert float(loss) == pytest.approx(sum(terms) / (5 * 3), rel=1e-5)
     # only frozen classes and frozen labels: no pair, a zero loss without gradient
     maps.grad = None
     only_frozen = orthogonality_loss(maps[:, :2], labels.clamp(max=1), trainable=trainable[:2])

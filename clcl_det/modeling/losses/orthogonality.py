@@ -19,8 +19,10 @@ def orthogonality_loss(maps: Tensor, labels: Optional[Tensor] = None, classes: O
 
     Without `labels`: mean_r mean_{k != k'} (a_{r,k} . a_{r,k'})^2 over every pair of pathways.
     With `labels` (R, the RoIs' classes; background and ignored RoIs have no pathway): cross-category
-    co-activation, mean over the foreground RoIs r and the classes k != y_r of (a_{r,y_r} . a_{r,k})^2,
-    the labelled class's pathway against the others'. `classes` (R x S) names each pathway's class
+    co-activation, the sum over the foreground RoIs r and the classes k != y_r of
+    (a_{r,y_r} . a_{r,k})^2, the labelled class's pathway against the others', divided by R (S - 1)
+    like the box loss (by the sampled RoIs, so that a batch split over processes gives the same
+    loss): a RoI's mean over its pairs, 0 for a background RoI. `classes` (R x S) names each pathway's class
     (default: pathway s is class s); `trainable` (a bool per class) drops the pairs of two frozen
     experts and detaches a frozen expert's map, so the loss trains the current experts (and the
     features under them), never moves a frozen expert's activations. 0 for disjoint maps, 1 for
@@ -44,7 +46,7 @@ def orthogonality_loss(maps: Tensor, labels: Optional[Tensor] = None, classes: O
         return maps.sum() * 0.0
     a_own = (maps * own[..., None]).sum(dim=1)  # R x P (zero for background RoIs)
     overlap = (maps @ a_own[:, :, None]).squeeze(2)  # R x S
-    return overlap[pairs].pow(2).mean()
+    return overlap[pairs].pow(2).sum() / (R * (S - 1))
 
 
 @CONTINUAL_LOSS_REGISTRY.register()
