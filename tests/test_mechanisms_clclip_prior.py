@@ -272,3 +272,38 @@ def test_normalized_gating_and_the_uniform_ablation():
     pooled = _pooled(uniform, _features(uniform), rois)
     low, high = (_logits(uniform, pooled, rois, F.normalize(a * t_k + t_bg, dim=1)) for a in (0.0, 3.0))
     assert torch.equal(low, high)
+
+
+def test_prior_weighted_drift_holds_the_pyramid_where_old_objects_lie():
+    """DRIFT.PRIOR_WEIGHTED: each cell's squared pyramid difference weighted by the earlier
+    classes' highest prior there (hand-computed at the levels' own size); a change of the pyramid
+    where no old class's prior lies costs nothing, one where it lies does."""
+    from types import SimpleNamespace
+
+    from clcl_det.modeling.context import HeadContext
+    from clcl_det.modeling.losses.build import LossInputs
+    from clcl_det.modeling.losses.drift import FPNDrift
+
+    g = torch.Generator().manual_seed(4)
+    teacher = {"p3": torch.randn(2, 5, 8, 8, generator=g), "p4": torch.randn(2, 5, 8, 8, generator=g)}
+    student = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
+    prior = torch.zeros(2, 5, 8, 8)  # classes 0-2 of task 1, 3-4 of task 2
+    prior[:, 1, :, 4:] = 0.8  # an old class on the right half
+    prior[:, 3, :, :4] = 0.9  # the new class on the left: not an old class's
+    ctx = HeadContext(torch.zeros(5, 4), torch.zeros(4), torch.zeros(2, 4, 8, 8), 8, [(64, 64)] * 2,
+                      task=Task(1, 3, 5, NAMES[:5], NAMES[:5]), extras={"prior": prior})
+    drift = FPNDrift(mode="feature", weight=0.5, prior_weighted=True)
+
+    def loss(s):
+        inputs = LossInputs(backbone={"features": s}, ctx=ctx, rpn={}, roi={})
+        return float(drift(None, inputs, [], SimpleNamespace(features=lambda: teacher))["loss_drift"])
+
+    w = prior[:, 1:2]
+    ref = 0.5 * sum(float((w * (student[k] - teacher[k]).pow(2)).sum() / (w.sum() * 5)) for k in teacher) / 2
+    assert loss(student) == pytest.approx(ref, rel=1e-5)
+    left = {k: v.clone() for k, v in student.items()}
+    left["p3"][..., :4] += 1.0
+    right = {k: v.clone() for k, v in student.items()}
+    right["p3"][..., 4:] += 1.0
+    assert loss(left) == pytest.approx(loss(student), rel=1e-6)
+    assert loss(right) > 2 * loss(student)

@@ -16,6 +16,7 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.DRIFT = CN()
     _C.MODEL.CLCLIP.DRIFT.MODE = "feature"  # feature (pyramid outputs vs teacher) | param (||theta - theta_prev||^2)
     _C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
+    _C.MODEL.CLCLIP.DRIFT.PRIOR_WEIGHTED = False  # MODE feature: weight each cell by the earlier classes' highest prior there
 
     _C.MODEL.CLCLIP.COST_VOLUME = CN()  # dense V.T^T cosine volume and its prior
     _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.0  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T); 0 = 1 / the CLIP's own logit scale
