@@ -103,15 +103,19 @@ class CostVolumePrior:
         """The prior of every class of the tasks of `task_sizes` classes that is in the vocabulary
         (the first ctx.num_classes), B x K x h x w, and each of these tasks' background column,
         B x T x h x w."""
-        T = self._temperature(ctx)
-        parts = [(normalize_prior(c, T, self.norm), own) for c, own in self._costs(ctx, task_sizes)]
+        return self._normalized(self._costs(ctx, task_sizes), self._temperature(ctx))
+
+    def _normalized(self, costs: List[Tuple[Tensor, int]], T: float) -> Tuple[Tensor, Tensor]:
+        """The classes' and the backgrounds' columns of each task's normalised cosines."""
+        parts = [(normalize_prior(c, T, self.norm), own) for c, own in costs]
         return torch.cat([p[:, own:-1] for p, own in parts], dim=1), torch.cat([p[:, -1:] for p, _ in parts], dim=1)
 
     def _cached(self, ctx: HeadContext, task_sizes: Sequence[int]) -> None:
         """The maps and the per-task cosines, once per batch (in ctx.extras)."""
         if "prior" not in ctx.extras:
-            ctx.extras["prior"], ctx.extras["bg_prior"] = self.maps(ctx, task_sizes)
-            ctx.extras["prior_costs"] = self._costs(ctx, task_sizes)
+            costs = self._costs(ctx, task_sizes)
+            ctx.extras["prior"], ctx.extras["bg_prior"] = self._normalized(costs, self._temperature(ctx))
+            ctx.extras["prior_costs"] = costs
 
     def pooled(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
                background: bool = False) -> Tensor:
@@ -121,17 +125,19 @@ class CostVolumePrior:
         prior = ctx.extras["bg_prior" if background else "prior"][:, :num]
         return self._roi_align(prior, rois, ctx)
 
+    def levels(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """The level of every class of the tasks in the vocabulary, R x K, and of each task's
+        background, R x T."""
+        self._cached(ctx, task_sizes)
+        inner = [inset_boxes(r, self.level_inset, ctx.clip_stride) for r in rois]
+        pooled = [(self._roi_align(cost, inner, ctx).mean(dim=(2, 3)), own) for cost, own in ctx.extras["prior_costs"]]
+        return self._normalized(pooled, self._temperature(ctx))
+
     def level(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
               background: bool = False) -> Tensor:
         """The level of the first `num` classes (`background`: the first `num` tasks' background
         columns): R x num."""
-        self._cached(ctx, task_sizes)
-        T, parts = self._temperature(ctx), []
-        inner = [inset_boxes(r, self.level_inset, ctx.clip_stride) for r in rois]
-        for cost, own in ctx.extras["prior_costs"]:
-            p = normalize_prior(self._roi_align(cost, inner, ctx).mean(dim=(2, 3)), T, self.norm)
-            parts.append(p[:, -1:] if background else p[:, own:-1])
-        return torch.cat(parts, dim=1)[:, :num]
+        return self.levels(rois, ctx, task_sizes)[1 if background else 0][:, :num]
 
     def _roi_align(self, maps: Tensor, rois: List[Tensor], ctx: HeadContext) -> Tensor:
         return roi_align(maps, list(rois), self.resolution, spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=2,
@@ -154,6 +160,12 @@ class UniformPrior:
         """R x num x P x P, like `CostVolumePrior.pooled`."""
         R, P = sum(len(r) for r in rois), self.resolution
         return self._levels(ctx, task_sizes, num, background)[None, :, None, None].expand(R, num, P, P)
+
+    def levels(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """R x K and R x T, like `CostVolumePrior.levels`."""
+        R, K = sum(len(r) for r in rois), sum(task_sizes)
+        return (self._levels(ctx, task_sizes, K, False)[None].expand(R, K),
+                self._levels(ctx, task_sizes, len(task_sizes), True)[None].expand(R, len(task_sizes)))
 
     def level(self, rois: List[Tensor], ctx: HeadContext, task_sizes: Sequence[int], num: int,
               background: bool = False) -> Tensor:

@@ -182,8 +182,8 @@ class MultiExpertRoIHeads(FViTRoIHeads):
         log-odds of class k against the background. Within a task's softmax it multiplies class k's
         odds against the task's background by (level_k / level_bg) ** beta."""
         sizes = torch.tensor([b - a for a, b in self.task_ranges(num)], device=ctx.clip_dense.device)
-        level = self.prior_level(rois, ctx, num).clamp(min=_LEVEL_FLOOR).log()
-        bg = self.prior_level(rois, ctx, len(sizes), background=True).clamp(min=_LEVEL_FLOOR).log()
+        level, bg = self.prior.levels(rois, ctx, [c.n for c in self.experts.chunks])
+        level, bg = level[:, :num].clamp(min=_LEVEL_FLOOR).log(), bg[:, :len(sizes)].clamp(min=_LEVEL_FLOOR).log()
         return self.prior_logit_weight * (level - bg.repeat_interleave(sizes, dim=1))
 
     def expert_prior(self, ctx: HeadContext) -> Tuple[Tensor, Tensor]:
