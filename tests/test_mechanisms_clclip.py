@@ -80,15 +80,14 @@ def test_mechanism_expert_logits_follow_the_prior_through_every_gating(gating):
 
 # -- training-time top-k -----------------------------------------------------------------------------------
 def test_mechanism_training_topk_keeps_each_rois_own_class():
-    """MULTI_EXPERT.TOPK 2: each RoI is scored by the experts of its 2 classes of highest mean
-    prior (the other logits -inf); in training a foreground RoI's own class is among them even
+    """MULTI_EXPERT.TOPK 2: each RoI is scored by the experts of its 2 classes of highest prior
+    level (the other logits -inf); in training a foreground RoI's own class is among them even
     when its prior ranks it last, with the logit the full (top-k 0) head gives it; a background
     RoI keeps its plain top 2."""
     model = _model(**{"MODEL.CLCLIP.MULTI_EXPERT.TOPK": 2})
     feats, rois, dense = _inputs(model)
     ctx = model.make_context(dense, [(64, 64)])
-    prior_mean = model.roi_heads.pooled_prior(rois, ctx, 6).mean(dim=(2, 3))
-    order = prior_mean.argsort(dim=1, descending=True)
+    order = model.roi_heads.prior_level(rois, ctx, 6).argsort(dim=1, descending=True)
     last = order[:, -1]
     labels = last.clone()
     labels[-2:] = 6  # two background RoIs

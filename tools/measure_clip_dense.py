@@ -9,6 +9,9 @@
 Dense hit rate: per ground-truth box, the class with the highest mean response of the cost volume
 V.T^T over the box's patch cells must be the box's class (chance 1/20). Crop accuracy: the box
 cropped square with 10 % context, resized to the CLIP input size, classified by `encode_image`.
+Prior: CL-CLIP's cost-volume prior per box as its head reads a RoI, at MODEL.CLCLIP.COST_VOLUME's
+TEMPERATURE, NORM and LEVEL_INSET (or --prior-temperature): hit rate, prior of the box's class, entropy and
+calibration error of the level, and the hit rate of the per-cell map averaged over the box.
 """
 import argparse
 import logging
@@ -33,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=0, metavar="N", help="first N images of the split (0 = all)")
     p.add_argument("--templates", default="", choices=["", "imagenet", "simple"],
                    help="prompt templates of the class embeddings (default: MODEL.CLIP.TEMPLATES)")
+    p.add_argument("--prior-temperature", type=float, action="append", default=None, metavar="T",
+                   help="a temperature of the prior report, repeatable (0 = 1 / the CLIP's logit scale; default: "
+                        "MODEL.CLCLIP.COST_VOLUME.TEMPERATURE)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return p.parse_args(argv)
 
@@ -43,7 +49,10 @@ def main(args: argparse.Namespace) -> None:
     if args.weights:
         opts += ["MODEL.CLIP.PRETRAINED", args.weights]
     cfg = setup_cfg(args.config_file, opts)
-    from clcl_det.embedded.quality import format_report, measure_on_shapes
+    from clcl_det.data.catalog import DatasetCatalog
+    from clcl_det.embedded.quality import format_prior_report, format_report, measure_on_shapes, measure_prior
+    from clcl_det.embedded.shapes import SHAPES_CLASSES, ShapesSpec, register_shapes
+    from clcl_det.modeling.text import TextEncoder
     from clcl_det.engine.defaults import prepare_embedded_assets
     from clcl_det.modeling.clip.factory import build_clip
 
@@ -55,6 +64,16 @@ def main(args: argparse.Namespace) -> None:
     print(f"CLIP {cfg.MODEL.CLIP.ARCH} ({cfg.MODEL.CLIP.PRETRAINED or 'random weights'}), "
           f"{templates} templates, {int(res['dense_hit_rate'].total.sum())} boxes of shapes_{args.split}")
     print(format_report(res))
+    dicts = DatasetCatalog.get(register_shapes(ShapesSpec.from_cfg(cfg))[args.split])
+    dicts = dicts[:args.num_images] if args.num_images else dicts
+    text = TextEncoder(model, tokenizer, templates)
+    classes, background = text.encode_classes(SHAPES_CLASSES), text.encode_classes([cfg.MODEL.CLIP.BACKGROUND_PROMPT])[0]
+    norm = cfg.MODEL.CLCLIP.COST_VOLUME.NORM
+    scale = float(model.logit_scale.exp().clamp(max=100.0))
+    for T in args.prior_temperature or [cfg.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE]:
+        q = measure_prior(model, classes, background, dicts, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, T, norm,
+                          cfg.MODEL.CLCLIP.COST_VOLUME.LEVEL_INSET)
+        print(format_prior_report(q, T if T > 0 else 1.0 / scale, norm) + (" (the CLIP's own T)" if T <= 0 else ""))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def M(name: str, mechanism: str, file: str, original: str, replacement: str, *te
 
 
 ME = "clcl_det/modeling/roi_heads/multi_expert.py"
+PRIOR = "clcl_det/modeling/roi_heads/class_prior.py"
 CV = "clcl_det/modeling/cost_volume.py"
 DRIFT = "clcl_det/modeling/losses/drift.py"
 ORTH = "clcl_det/modeling/losses/orthogonality.py"
@@ -70,6 +71,7 @@ CM = "clcl_det/evaluation/continual_metrics.py"
 
 T_CL = "tests/test_clclip.py::"
 T_MC = "tests/test_mechanisms_clclip.py::"
+T_MP = "tests/test_mechanisms_clclip_prior.py::"
 T_MH = "tests/test_mechanisms_heads.py::"
 T_CH = "tests/test_cls_heads.py::"
 T_LOOP = "tests/test_continual_loop.py::"
@@ -77,21 +79,40 @@ T_EV = "tests/test_evaluation.py::"
 
 MUTANTS: List[Mutant] = [
     # -- CL-CLIP: cost-volume prior and gating ------------------------------------------------------
-    M("prior_gate_zero", "CL-CLIP residual gating: experts never see the prior", ME,
-      "return f * (1 + self.gamma * m[:, :, None])", "return f * (1 + 0 * self.gamma * m[:, :, None])",
+    M("prior_gate_zero", "CL-CLIP residual gating: experts never see the prior", PRIOR,
+      "return f * (1 + gamma * m[:, :, None])", "return f * (1 + 0 * gamma * m[:, :, None])",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("gating_multiply_drops_prior", "CL-CLIP multiply gating ignores the prior", ME,
+    M("gating_multiply_drops_prior", "CL-CLIP multiply gating ignores the prior", PRIOR,
       "return f * m[:, :, None]", "return f.expand(-1, m.shape[1], -1, -1, -1)",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("gating_concat_drops_prior", "CL-CLIP concat gating: a zero prior channel", ME,
+    M("gating_concat_drops_prior", "CL-CLIP concat gating: a zero prior channel", PRIOR,
       "m[:, :, None]], dim=2)", "torch.zeros_like(m[:, :, None])], dim=2)",
       T_MC + "test_mechanism_expert_logits_follow_the_prior_through_every_gating"),
-    M("prior_over_later_classes", "CL-CLIP prior: a task's softmax over later classes too", ME,
-      "ctx.class_embeddings[start:stop]", "ctx.class_embeddings[start:]",
+    M("prior_over_later_classes", "CL-CLIP prior: a task's softmax over later classes too", PRIOR,
+      "ctx.class_embeddings[lo:stop]", "ctx.class_embeddings[lo:]",
       T_CL + "test_mechanism_head_prior_unchanged_by_later_tasks"),
     M("prior_sigmoid_without_background", "cost-volume prior: sigmoid ignores the background", CV,
       "torch.sigmoid((cost[:, :-1] - cost[:, -1:]) / temperature)", "torch.sigmoid(cost[:, :-1] / temperature)",
       T_CL + "test_mechanism_prior_independent_of_later_classes"),
+    M("prior_logit_term_removed", "CL-CLIP: the prior's level never reaches the logits", ME,
+      "s = s + self.prior_logits(rois, ctx, K)", "s = s",
+      T_MP + "test_mechanism_prior_level_over_a_roi_moves_its_class_logit"),
+    M("prior_logit_without_background", "CL-CLIP prior term: log level, not the log-odds against background", ME,
+      "(level - bg.repeat_interleave(sizes, dim=1))", "level",
+      T_MP + "test_prior_level_is_the_clip_softmax_of_the_rois_inner_cosines"),
+    M("prior_temperature_ignored", "CL-CLIP prior: a fixed T instead of the CLIP's own", PRIOR,
+      "else 1.0 / ctx.clip_logit_scale", "else 0.01",
+      T_MP + "test_prior_level_is_the_clip_softmax_of_the_rois_inner_cosines"),
+    M("prior_level_inset_ignored", "CL-CLIP prior level: read over the whole RoI, context included", PRIOR,
+      "inner = [inset_boxes(r, self.level_inset, ctx.clip_stride) for r in rois]", "inner = rois",
+      T_MP + "test_prior_level_is_the_clip_softmax_of_the_rois_inner_cosines"),
+    M("prior_over_own_task_only", "CL-CLIP prior VOCABULARY seen: normalised over its own task only", PRIOR,
+      'lo = start if self.vocabulary == "task" else 0', "lo = start",
+      T_MP + "test_one_class_task_prior_tells_its_class_from_earlier_objects[seen]"),
+    M("gating_normalized_drops_prior", "CL-CLIP normalized gating ignores where the prior lies", PRIOR,
+      "return f * (m / m.amax(dim=(2, 3), keepdim=True).clamp(min=_TINY))[:, :, None]",
+      "return f.expand(-1, m.shape[1], -1, -1, -1)",
+      T_MP + "test_mechanism_features_outside_a_class_prior_barely_move_its_logit"),
     # -- CL-CLIP: experts, freezing, background experts, box regressors -----------------------------
     M("experts_not_frozen", "CL-CLIP: old class experts keep training", ME,
       "self.experts.chunks.requires_grad_(False)", "self.experts.chunks.requires_grad_(True)",
@@ -137,6 +158,18 @@ MUTANTS: List[Mutant] = [
     M("orth_maps_detached", "orthogonality: the expert maps detached", ME,
       "F.normalize(act, dim=-1)", "F.normalize(act.detach(), dim=-1)",
       T_CL + "test_mechanism_orthogonality_and_drift_gradients"),
+    M("drift_weighted_by_new_prior", "prior-weighted drift reads the new classes' prior", DRIFT,
+      "old = prior[:, :task.start].amax(dim=1, keepdim=True)", "old = prior[:, task.start:].amax(dim=1, keepdim=True)",
+      T_MP + "test_prior_weighted_drift_holds_the_pyramid_where_old_objects_lie"),
+    M("orth_over_frozen_pairs", "orthogonality: pairs of two frozen experts counted", ORTH,
+      "pairs &= live | (live & own).any(dim=1, keepdim=True)", "pass",
+      T_MP + "test_orthogonality_no_gradient_from_two_frozen_experts"),
+    M("orth_frozen_maps_trained", "orthogonality: a frozen expert's map receives gradient", ORTH,
+      "maps = torch.where(live[..., None], maps, maps.detach())", "pass",
+      T_MP + "test_orthogonality_no_gradient_from_two_frozen_experts"),
+    M("orth_counts_own_pair", "orthogonality: the labelled class's map paired with itself", ORTH,
+      "pairs = ~own & own.any(dim=1, keepdim=True)", "pairs = own.any(dim=1, keepdim=True).expand_as(own).clone()",
+      T_MP + "test_orthogonality_pairs_the_labelled_class_with_the_others"),
     M("orth_counts_diagonal", "orthogonality: a map's overlap with itself counted", ORTH,
       "off = ~torch.eye(S, dtype=torch.bool, device=maps.device)",
       "off = torch.ones(S, S, dtype=torch.bool, device=maps.device)",

@@ -5,6 +5,13 @@
   centre lies inside the box; at least the cell holding the box centre) must be the box's class.
 - **Crop accuracy**: each box, cropped square with a little context and resized to the CLIP input
   size, is classified zero-shot by `encode_image` against the class text embeddings.
+- **Prior quality** (`measure_prior`): CL-CLIP's cost-volume prior read per box as its head reads it
+  per RoI (the cost volume RoIAligned on a P x P grid): the *level* (`normalize_prior` of the mean
+  cosines of the box moved in by a fraction of a cell, against the classes and the background, at
+  temperature T) and, for contrast, the
+  *map* (`normalize_prior` of every cell, then averaged over the box). Hit rate (the class of the
+  highest prior is the box's), the mean prior of the box's class, the mean entropy over
+  [classes, background], and the expected calibration error of the top class.
 
 V comes from `CLIPDenseEncoder` and T from `TextEncoder` (prompt ensemble), as in the detector.
 """
@@ -20,10 +27,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..modeling.clip.dense import CLIPDenseEncoder
+from ..modeling.cost_volume import inset_boxes, normalize_prior
 
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
-    "load_images", "measure_clip", "measure_on_shapes", "format_report",
+    "load_images", "measure_clip", "measure_on_shapes", "format_report", "PriorQuality", "measure_prior",
+    "format_prior_report",
 ]
 
 
@@ -230,3 +239,94 @@ def monitoring_fn(cfg: Any, num_images: int = 0) -> Callable[[nn.Module, int], N
                  f"crop accuracy {res['crop_accuracy'].overall:.1%}"))
 
     return fn
+
+
+@dataclass
+class PriorQuality:
+    """Per-box prior of the boxes measured so far (n x (K+1), background last) and their classes."""
+
+    level: Tensor
+    map: Tensor
+    labels: Tensor
+
+    def hit_rate(self, which: str = "level") -> ClassAccuracy:
+        prior = getattr(self, which)
+        K = prior.shape[1] - 1
+        return ClassAccuracy.from_predictions(prior[:, :K].argmax(dim=1), self.labels, K)
+
+    def true_class_prior(self) -> float:
+        return float(self.level.gather(1, self.labels[:, None]).mean())
+
+    def entropy(self) -> float:
+        """Mean entropy (nats) of the level over [classes, background], renormalised."""
+        p = self.level / self.level.sum(dim=1, keepdim=True)
+        return float(-(p * p.clamp(min=1e-12).log()).sum(dim=1).mean())
+
+    def calibration_error(self, bins: int = 10) -> float:
+        """Expected calibration error of the level's top class (confidence = its prior)."""
+        K = self.level.shape[1] - 1
+        conf, pred = self.level[:, :K].max(dim=1)
+        hit = (pred == self.labels).float()
+        which = (conf * bins).long().clamp(max=bins - 1)
+        err = torch.zeros(())
+        for b in range(bins):
+            sel = which == b
+            if sel.any():
+                err += sel.float().mean() * (conf[sel].mean() - hit[sel].mean()).abs()
+        return float(err)
+
+
+def box_prior(cost: Tensor, boxes: Tensor, stride: float, temperature: float, norm: str, level_inset: float,
+              resolution: int = 7) -> Tuple[Tensor, Tensor]:
+    """The level and the pooled map (each n x (K+1)) of the XYXY boxes of one image's cosines
+    `cost` ((K+1) x h x w, background last), RoIAligned like CL-CLIP's head reads a RoI."""
+    from torchvision.ops import roi_align
+
+    def pooled(maps: Tensor, b: Tensor) -> Tensor:
+        return roi_align(maps[None].float(), [b.float().to(maps.device)], resolution, spatial_scale=1.0 / stride,
+                         sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+
+    level = normalize_prior(pooled(cost, inset_boxes(boxes, level_inset, stride)), temperature, norm)
+    cell = pooled(normalize_prior(cost[None], temperature, norm)[0], boxes)
+    return level, cell
+
+
+@torch.no_grad()
+def measure_prior(clip_model: nn.Module, class_text: Tensor, background_text: Tensor,
+                  dataset_dicts: Sequence[Dict[str, Any]], pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                  temperature: float, norm: str = "softmax", level_inset: float = 0.25,
+                  batch_size: int = 50) -> PriorQuality:
+    """CL-CLIP's prior of every labelled box (see `box_prior`), over the classes of `class_text`
+    (K x D, the dataset's class order) and the background, at `temperature` (0 = 1 / the CLIP's
+    logit scale)."""
+    if temperature <= 0:
+        temperature = 1.0 / float(clip_model.logit_scale.exp().clamp(max=100.0))
+    was_training = clip_model.training
+    clip_model.eval()
+    encoder = CLIPDenseEncoder(clip_model.visual).eval()
+    device = next(clip_model.parameters()).device
+    text = torch.cat([class_text, background_text[None]]).float().to(device)
+    levels, maps, labs = [], [], []
+    for i in range(0, len(dataset_dicts), batch_size):
+        images, boxes, labels = load_images(dataset_dicts[i:i + batch_size], pixel_mean, pixel_std)
+        _, dense = encoder(torch.stack(images).to(device))
+        cost = torch.einsum("bdhw,kd->bkhw", dense.float(), text)
+        for c, b, l in zip(cost, boxes, labels):
+            if len(b):
+                level, cell = box_prior(c, b, encoder.patch_size, temperature, norm, level_inset)
+                levels.append(level.cpu())
+                maps.append(cell.cpu())
+                labs.append(l)
+    clip_model.train(was_training)
+    K = class_text.shape[0]
+    empty = torch.zeros(0, K + 1)
+    return PriorQuality(torch.cat(levels) if levels else empty, torch.cat(maps) if maps else empty,
+                        torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long))
+
+
+def format_prior_report(q: PriorQuality, temperature: float, norm: str) -> str:
+    """One line per reading of the prior: hit rate, and for the level its calibration."""
+    return (f"prior at T {temperature:.4g} ({norm}), {len(q.labels)} boxes: level (normalised RoI-mean cosines) "
+            f"hit rate {q.hit_rate('level').overall:.1%}, box-class prior {q.true_class_prior():.3f}, "
+            f"entropy {q.entropy():.2f} nats, ECE {q.calibration_error():.3f}; map (normalised per cell, then "
+            f"averaged) hit rate {q.hit_rate('map').overall:.1%}")

@@ -24,6 +24,7 @@ class HeadContext:
     task: Optional["Task"] = None  # the current continual Task (None outside the continual loop)
     class_names: Tuple[str, ...] = ()  # names of the K classes of class_embeddings
     background_absorbs: int = 0  # training: a background label also accepts classes 0..n-1 (unbiased CE)
+    clip_logit_scale: float = 100.0  # the frozen CLIP's logit scale exp(s): its image-text cosine -> logit factor
     extras: Dict[str, Any] = field(default_factory=dict)  # method-specific per-batch tensors (e.g. the cost volume)
 
     @property

@@ -161,7 +161,7 @@ class SPAHead(TextClassifier):
     replay_space = "clip"
 
     @configurable
-    def __init__(self, *, embed_dim: int, descriptions: Optional[Mapping[str, Sequence[str]]] = None,
+    def __init__(self, *, embed_dim: int, descriptions: Optional[Mapping[str, Sequence[str]]],
                  fallback_template: str = DEFAULT_TEMPLATE, num_patches: int = 16, patch_resolution: int = 7,
                  epsilon: float = 0.1, ot_weight: float = 1.0, ot_method: str = "auto", ot_max_iter: int = 100,
                  ot_tol: float = 1e-5, topk: int = 0, pairs_per_call: int = 0, task_projectors: bool = True,

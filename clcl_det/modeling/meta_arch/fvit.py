@@ -62,6 +62,8 @@ class FViT(ContinualModule):
         self.register_buffer("background_embedding", self.text.encode_classes([cfg.MODEL.CLIP.BACKGROUND_PROMPT])[0],
                              persistent=False)
         self.image_size = cfg.INPUT.IMAGE_SIZE
+        # the frozen CLIP's cosine -> logit factor, as its own zero-shot classifier uses it (<= 100)
+        self.clip_logit_scale = float(clip.logit_scale.detach().exp().clamp(max=100.0))
         self.class_names: List[str] = []
         self.task = None
 
@@ -157,7 +159,8 @@ class FViT(ContinualModule):
 
     def make_context(self, clip_dense: Tensor, image_sizes: List[Tuple[int, int]]) -> HeadContext:
         return HeadContext(self.class_embeddings, self.background_embedding, clip_dense,
-                           self.backbone.clip_stride, image_sizes, self.task, tuple(self.class_names))
+                           self.backbone.clip_stride, image_sizes, self.task, tuple(self.class_names),
+                           clip_logit_scale=self.clip_logit_scale)
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
         if not self.class_names:

@@ -16,16 +16,20 @@ def add_clclip_config(_C: CN) -> None:
     _C.MODEL.CLCLIP.DRIFT = CN()
     _C.MODEL.CLCLIP.DRIFT.MODE = "feature"  # feature (pyramid outputs vs teacher) | param (||theta - theta_prev||^2)
     _C.MODEL.CLCLIP.DRIFT.WEIGHT = 1.0  # weight of the drift loss
+    _C.MODEL.CLCLIP.DRIFT.PRIOR_WEIGHTED = False  # MODE feature: weight each cell by the earlier classes' highest prior there
 
     _C.MODEL.CLCLIP.COST_VOLUME = CN()  # dense V.T^T cosine volume and its prior
-    _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.01  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T)
-    _C.MODEL.CLCLIP.COST_VOLUME.NORM = "softmax"  # prior per class: sigmoid | softmax (over its own task's classes + background) | none
+    _C.MODEL.CLCLIP.COST_VOLUME.TEMPERATURE = 0.0  # T of the prior: sigmoid((C_k - C_bg) / T) or softmax_k(C / T); 0 = 1 / the CLIP's own logit scale
+    _C.MODEL.CLCLIP.COST_VOLUME.NORM = "softmax"  # prior per class: sigmoid | softmax (over VOCABULARY + background) | none (raw cosines)
+    _C.MODEL.CLCLIP.COST_VOLUME.VOCABULARY = "seen"  # a task's softmax runs over: task (its own classes) | seen (every class up to its task; never later ones)
+    _C.MODEL.CLCLIP.COST_VOLUME.LEVEL_INSET = 0.25  # a RoI's prior level averages the cosines of the RoI moved in by this many CLIP cells per side (its object, not its context)
     _C.MODEL.CLCLIP.COST_VOLUME.ENABLED = True  # off = uniform prior (ablation "no cost volume")
 
     _C.MODEL.CLCLIP.MULTI_EXPERT = CN()  # MultiExpertRoIHeads: per-category expert RoI head
-    _C.MODEL.CLCLIP.MULTI_EXPERT.GATING = "residual"  # residual f*(1+g*m) | multiply f*m | concat [f, m]
+    _C.MODEL.CLCLIP.MULTI_EXPERT.GATING = "normalized"  # where the prior map lies, as the expert input: normalized f*m/max_RoI(m) | multiply f*m | residual f*(1+g*m) | concat [f, m]
+    _C.MODEL.CLCLIP.MULTI_EXPERT.PRIOR_LOGIT_WEIGHT = 1.0  # beta: a class's logit gains beta*log(level_k / level_bg), level = the prior of the RoI's mean cosines (0 = off)
     _C.MODEL.CLCLIP.MULTI_EXPERT.GAMMA = 1.0  # g of the residual gating
-    _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by mean prior (0 = all)
+    _C.MODEL.CLCLIP.MULTI_EXPERT.TOPK = 0  # classes kept per RoI by prior level (0 = all)
     _C.MODEL.CLCLIP.MULTI_EXPERT.EXPERT_DIM = 16  # channels of each expert's convs
     _C.MODEL.CLCLIP.MULTI_EXPERT.FREEZE = True  # freeze a task's experts at its end (off = ablation)
     _C.MODEL.CLCLIP.MULTI_EXPERT.NORM = "GN"  # norm after each expert conv: GN (a group norm over each expert's own channels) | none

@@ -66,8 +66,8 @@ class FViTRoIHeads(ContinualModule):
 
     @configurable
     def __init__(self, *, in_channels: int, level_names: Sequence[str], embed_dim: int, cls_head: ClsHead,
-                 pooler_resolution: int = 7, sampling_ratio: int = 2, num_conv: int = 4, conv_dim: int = 256,
-                 num_fc: int = 2, fc_dim: int = 1024, norm: str = "GN", batch_size_per_image: int = 512,
+                 pooler_resolution: int = 7, sampling_ratio: int = 2, num_conv: int = 4, conv_dim: int = 64,
+                 num_fc: int = 2, fc_dim: int = 256, norm: str = "GN", batch_size_per_image: int = 64,
                  positive_fraction: float = 0.25, iou_threshold: float = 0.5, append_gt: bool = True,
                  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), bbox_loss: str = "smooth_l1",
                  smooth_l1_beta: float = 0.0, cls_loss_weight: float = 1.0, score_thresh: float = 0.01,
