@@ -136,7 +136,7 @@ def test_config_name_says_method_dataset_and_output_folder(path):
     folder, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
     cfg = setup_cfg(path)
     assert cfg.OUTPUT_DIR == f"./output/{stem}"
-    dataset = next(d for d in ("shapes", "voc", "coco") if f"_{d}" in stem)
+    dataset = next(d for d in ("shapes", "voc", "coco", "clutter") if f"_{d}" in stem)
     assert cfg.DATASETS.TRAIN[0].startswith(dataset), (stem, cfg.DATASETS.TRAIN)
     multi_expert = cfg.MODEL.ROI_HEADS.NAME == "MultiExpertRoIHeads"
     assert multi_expert == folder.startswith("clclip"), stem

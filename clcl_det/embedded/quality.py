@@ -23,7 +23,7 @@ from ..modeling.clip.dense import CLIPDenseEncoder
 
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
-    "load_images", "measure_clip", "measure_on_shapes", "format_report",
+    "load_images", "measure_clip", "measure_on_dataset", "measure_on_shapes", "format_report",
 ]
 
 
@@ -178,23 +178,34 @@ def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Seque
     return {"dense_hit_rate": hits, "crop_accuracy": crops}
 
 
-def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
-                      templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
-    """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (train, test
-    or val, as registered for the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class
-    embeddings of `TextEncoder` (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
-    from ..data.catalog import DatasetCatalog
+def measure_on_dataset(cfg: Any, clip_model: nn.Module, tokenizer: Callable, dataset: str,
+                       num_images: Optional[int] = None, templates: Optional[str] = None) -> Dict[str, ClassAccuracy]:
+    """`measure_clip` on the first `num_images` (None = all) images of a registered dataset (crowd
+    boxes left out), with the prompt-ensembled embeddings of its `thing_classes` from `TextEncoder`
+    (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
+    from ..data.catalog import DatasetCatalog, MetadataCatalog
     from ..modeling.text import TextEncoder
-    from .shapes import SHAPES_CLASSES, ShapesSpec, register_shapes
 
-    dicts = DatasetCatalog.get(register_shapes(ShapesSpec.from_cfg(cfg))[split])
+    dicts = DatasetCatalog.get(dataset)
     dicts = dicts[:num_images] if num_images else dicts
+    dicts = [{**d, "annotations": [a for a in d["annotations"] if not a.get("iscrowd", 0)]} for d in dicts]
     was_training = clip_model.training
     clip_model.eval()
-    text = TextEncoder(clip_model, tokenizer, templates or cfg.MODEL.CLIP.TEMPLATES).encode_classes(SHAPES_CLASSES)
+    text = TextEncoder(clip_model, tokenizer, templates or cfg.MODEL.CLIP.TEMPLATES).encode_classes(
+        MetadataCatalog.get(dataset).thing_classes)
     res = measure_clip(clip_model, text, dicts, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
     clip_model.train(was_training)
     return res
+
+
+def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
+                      templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
+    """`measure_on_dataset` on a Shapes split (train, test or val, as registered for the spec of
+    `cfg.DATASETS.SHAPES`)."""
+    from .shapes import ShapesSpec, register_shapes
+
+    return measure_on_dataset(cfg, clip_model, tokenizer, register_shapes(ShapesSpec.from_cfg(cfg))[split],
+                              num_images=num_images, templates=templates)
 
 
 def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Sequence[str]] = None) -> str:
@@ -214,18 +225,22 @@ def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Seque
 
 def monitoring_fn(cfg: Any, num_images: int = 0) -> Callable[[nn.Module, int], None]:
     """A callback for `pretrain_tiny_clip` that logs the quality on the first `num_images` (0 = all)
-    Shapes test images (measurement only: it does not train)."""
+    images of the recipe dataset's monitored split (Shapes test, Clutter val; measurement only: it
+    does not train)."""
     import logging
 
     import open_clip
 
+    from .tiny_clip import recipe_data
+
     log = logging.getLogger(__name__)
     tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.ARCH)
+    source = recipe_data(cfg)
 
     def fn(model: nn.Module, step: int) -> None:
-        res = measure_on_shapes(cfg, model, tokenizer, num_images=num_images or None)
+        res = measure_on_dataset(cfg, model, tokenizer, source.monitor_split(), num_images=num_images or None)
         final = step == cfg.MODEL.CLIP.TINY.ITERS
-        log.info(f"step {step}: " + (format_report(res) if final else
+        log.info(f"step {step}: " + (format_report(res, source.class_names) if final else
                  f"dense hit rate {res['dense_hit_rate'].overall:.1%}, "
                  f"crop accuracy {res['crop_accuracy'].overall:.1%}"))
 
