@@ -142,6 +142,16 @@ def test_generated_on_first_load_into_an_empty_root(datasets_dir):
     assert register_clutter() == {s: f"clutter_{s}" for s in ("train", "val", "test")}
 
 
+def test_a_registered_split_follows_the_datasets_root(tmp_path, monkeypatch):
+    spec = ClutterSpec(num_train=2, num_val=1, num_test=1, seed=11)
+    monkeypatch.setenv("CLCL_DATASETS", str(tmp_path / "a"))
+    name = register_clutter(spec)["val"]
+    monkeypatch.setenv("CLCL_DATASETS", str(tmp_path / "b"))  # changed after registration
+    (d,) = DatasetCatalog.get(name)
+    assert d["file_name"].startswith(str(tmp_path / "b")) and not (tmp_path / "a").exists()
+    assert MetadataCatalog.get(name).json_file.startswith(str(tmp_path / "b"))
+
+
 def test_non_cooccurrence_drops_a_real_share_of_later_tasks(clutter_dir):
     """IOR's filter drops the later task's images that hold an earlier class: a real share, not all."""
     from clcl_det.config import get_cfg
@@ -211,3 +221,22 @@ def test_project_coco_ap_equals_pycocotools_on_clutter(clutter_dir):
         expected = float(p[p > -1].mean() * 100) if (p > -1).any() else float("nan")
         got = ours["per_class"][name]["AP"]
         assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-6), name
+
+
+def test_packaged_clutter_tiny_clip_is_the_released_checkpoint():
+    """Base-Clutter's recipe loads the Clutter checkpoint shipped in the package (not Shapes'), checked
+    by the sha256 the docs state; the Shapes recipe still loads its own."""
+    from clcl_det.engine import setup_cfg
+    from clcl_det.embedded import tiny_clip as P
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = setup_cfg(os.path.join(repo, "configs", "_base_", "Base-Clutter.yaml"))
+    name, sha256, command = P.PACKAGED[P.recipe_digest(cfg)]
+    path = P.tiny_clip_path(cfg)
+    assert path == os.path.join(P.PACKAGED_DIR, name) == os.path.join(P.PACKAGED_DIR, "clutter-tiny.pt")
+    assert P.built_tiny_clip_path(cfg) == path and P.file_sha256(path) == sha256
+    assert "Base-Clutter.yaml" in command and "--verify" in command
+    docs = open(os.path.join(repo, "docs", "tutorials", "embedded.md"), encoding="utf-8").read()
+    assert sha256 in docs
+    shapes = setup_cfg("")
+    assert P.tiny_clip_path(shapes) == os.path.join(P.PACKAGED_DIR, P.PACKAGED_FILE) != path

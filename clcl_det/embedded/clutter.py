@@ -360,6 +360,27 @@ def clutter_name(spec: ClutterSpec, split: str) -> str:
     return f"{os.path.basename(clutter_root(spec))}_{split}"
 
 
+def _register_split(name: str, spec: ClutterSpec, split: str) -> None:
+    """`register_coco_instances` for one split under `name`, its loader generating the folder first;
+    a loader called after $CLCL_DATASETS changed registers the split again at the new root."""
+    root = clutter_root(spec)
+    if name in DatasetCatalog:
+        DatasetCatalog.remove(name)
+    register_coco_instances(name, {"thing_classes": list(CLUTTER_CLASSES), "evaluator_type": "coco", "dirname": root,
+                                   "split": split, "area_thresholds": spec.area_thresholds()},
+                            os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, "images", split))
+    load = DatasetCatalog.pop(name)
+
+    def generate_and_load() -> List[Dict[str, Any]]:
+        if clutter_root(spec) != root:
+            _register_split(name, spec, split)
+            return DatasetCatalog.get(name)
+        ensure_clutter(spec)
+        return load()
+
+    DatasetCatalog.register(name, generate_and_load)
+
+
 def register_clutter(spec: ClutterSpec = ClutterSpec(), alias: bool = False) -> Dict[str, str]:
     """Register every split of `spec` with `register_coco_instances` (idempotent; the folder is
     generated when a split is first loaded; `area_thresholds` metadata: COCO's small / medium /
@@ -367,20 +388,11 @@ def register_clutter(spec: ClutterSpec = ClutterSpec(), alias: bool = False) -> 
     configs use (`clutter_<split>`) are pointed at `spec` too."""
     if not isinstance(spec, ClutterSpec):
         raise TypeError(f"register_clutter needs a ClutterSpec, got {type(spec).__name__}")
-    root = clutter_root(spec)
     names = {}
     for split in CLUTTER_SPLITS:
         names[split] = clutter_name(spec, split)
         for name in dict.fromkeys([names[split]] + ([f"clutter_{split}"] if alias else [])):
-            if name in DatasetCatalog:
-                DatasetCatalog.remove(name)
-            register_coco_instances(name, {"thing_classes": list(CLUTTER_CLASSES), "evaluator_type": "coco",
-                                           "dirname": root, "split": split,
-                                           "area_thresholds": spec.area_thresholds()},
-                                    os.path.join(root, "annotations", f"instances_{split}.json"),
-                                    os.path.join(root, "images", split))
-            load = DatasetCatalog.pop(name)
-            DatasetCatalog.register(name, lambda load=load: (ensure_clutter(spec), load())[1])
+            _register_split(name, spec, split)
     return names
 
 
