@@ -256,7 +256,8 @@ def render_clutter(spec: ClutterSpec, split: str, index: int) -> Tuple[Image.Ima
             s = side * 0.93 ** attempt
             if parent is not None:
                 s = min(s, parent[2] * 2 * rng.uniform(0.3, 0.5))
-                cx, cy = (parent[0] + rng.uniform(-0.25, 0.25) * parent[2], parent[1] + rng.uniform(-0.25, 0.25) * parent[2])
+                cx = parent[0] + rng.uniform(-0.25, 0.25) * parent[2]
+                cy = parent[1] + rng.uniform(-0.25, 0.25) * parent[2]
             else:
                 cx, cy = rng.uniform(s / 2, size - s / 2, 2)
             mask = _shape_mask(words[-1], S * cx, S * cy, S * s / 2, big)
@@ -327,7 +328,8 @@ def clutter_root(spec: ClutterSpec) -> str:
     base = datasets_root()
     if spec.to_dict() == ClutterSpec().to_dict():
         return os.path.join(base, "clutter")
-    return os.path.join(base, f"clutter_s{spec.seed}_n{spec.num_train}-{spec.num_val}-{spec.num_test}_{spec.image_size}")
+    counts = f"{spec.num_train}-{spec.num_val}-{spec.num_test}"
+    return os.path.join(base, f"clutter_s{spec.seed}_n{counts}_{spec.image_size}")
 
 
 def ensure_clutter(spec: ClutterSpec = ClutterSpec()) -> str:
@@ -368,7 +370,8 @@ def _register_split(name: str, spec: ClutterSpec, split: str) -> None:
         DatasetCatalog.remove(name)
     register_coco_instances(name, {"thing_classes": list(CLUTTER_CLASSES), "evaluator_type": "coco", "dirname": root,
                                    "split": split, "area_thresholds": spec.area_thresholds()},
-                            os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, "images", split))
+                            os.path.join(root, "annotations", f"instances_{split}.json"),
+                            os.path.join(root, "images", split))
     load = DatasetCatalog.pop(name)
 
     def generate_and_load() -> List[Dict[str, Any]]:

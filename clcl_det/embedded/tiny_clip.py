@@ -179,7 +179,8 @@ def _packaged_entry(path: str) -> Tuple[str, str, str]:
     name = os.path.basename(path)
     entry = next((e for e in PACKAGED.values() if e[0] == name), None)
     if entry is None:
-        raise ValueError(f"'{path}' is not a packaged tiny CLIP (packaged: {', '.join(e[0] for e in PACKAGED.values())})")
+        raise ValueError(f"'{path}' is not a packaged tiny CLIP "
+                         f"(packaged: {', '.join(e[0] for e in PACKAGED.values())})")
     return entry
 
 
@@ -364,8 +365,9 @@ class ShapesTrainData:
     @classmethod
     def load(cls, root: str, class_names: Sequence[str] = SHAPES_CLASSES) -> "ShapesTrainData":
         """The train split of a Shapes folder."""
+        dicts = load_voc_instances(root, "train", class_names)
         return cls.from_dicts([{**d, "sem_seg_file_name": os.path.join(root, "SegmentationClass", f"{d['image_id']}.png")}
-                               for d in load_voc_instances(root, "train", class_names)], root)
+                               for d in dicts], f"in '{root}'")
 
     @classmethod
     def from_dicts(cls, dicts: Sequence[Dict[str, Any]], where: str = "") -> "ShapesTrainData":
