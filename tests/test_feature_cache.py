@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -93,3 +94,26 @@ def test_a_run_with_the_cache_equals_the_run_without(reference_run, tmp_path):
     assert cache.hits > 0 and cache.misses > 0  # images came again and were not encoded again
     assert same_state(final_state(ref_out), final_state(cfg.OUTPUT_DIR))
     assert summary["stages"] == ref_summary["stages"]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_process_grows_by_about_the_bytes_held():
+    """Batches of seen and unseen images, as in training: the process must not grow far beyond the
+    entries it holds (one small tensor per entry, interleaved with the encoder's temporaries,
+    fragments the C heap until the process holds many times the cache's bytes)."""
+    enc = _encoder()
+    g = torch.Generator().manual_seed(3)
+    pool = torch.rand(600, 3, 64, 64, generator=g)
+    cache = FrozenFeatureCache(2**30)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        enc(pool[:8])  # the encoder's own first-call allocations are not the cache's
+        start = _resident_bytes()
+        for _ in range(50):
+            cache(enc, pool[torch.randint(0, len(pool), (8,), generator=g)])
+    assert cache.hits > 0 and len(cache) > 200
+    grown = _resident_bytes() - start
+    assert grown < 2 * cache.bytes + 32 * 2**20, (grown / 2**20, cache.bytes / 2**20)
