@@ -153,9 +153,15 @@ PACKAGED_FILE = "shapes-tiny.pt"
 PACKAGED_RECIPE = "144c38ff4d70"  # `recipe_digest` of the default config
 PACKAGED_SHA256 = "1ffaee7a224ca690d1f23defb57d72a439e6ce6cfccb824b477f001122378d28"
 REBUILD_COMMAND = "python tools/pretrain_tiny_clip.py --verify"
+# Clutter's recipe (configs/_base_/Base-Clutter.yaml: MODEL.CLIP.TINY.DATASET clutter, 600 steps), also packaged
+CLUTTER_FILE = "clutter-tiny.pt"
+CLUTTER_RECIPE = "896b228c3008"
+CLUTTER_SHA256 = "db973eebdc65ad8e0460f9eb728b73c8bb9fc772cd8b6f3d6a2b9a50cf036ad3"
+CLUTTER_REBUILD_COMMAND = "python tools/pretrain_tiny_clip.py --verify --config-file configs/_base_/Base-Clutter.yaml"
 # every shipped checkpoint: recipe digest -> (file in PACKAGED_DIR, sha256, the command that rebuilds it)
 PACKAGED: Dict[str, Tuple[str, str, str]] = {
     PACKAGED_RECIPE: (PACKAGED_FILE, PACKAGED_SHA256, REBUILD_COMMAND),
+    CLUTTER_RECIPE: (CLUTTER_FILE, CLUTTER_SHA256, CLUTTER_REBUILD_COMMAND),
 }
 
 
