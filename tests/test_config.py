@@ -181,7 +181,8 @@ CLUTTER_METHODS = ["clclip/clclip", "fvit/finetune", "faster_ilod/distill", "fvi
 
 def test_clutter_grid_is_complete_and_uses_the_coco_protocols():
     """Each method has each Clutter setting; IOR's settings filter by non-co-occurrence, 40+10x4 does not;
-    every config trains clutter_train on 80 classes and evaluates in COCO AP with scaled size thresholds."""
+    every config trains clutter_train on 80 classes and evaluates in COCO AP with scaled size thresholds;
+    CL-CLIP runs all its experts and every method samples Shapes' 32 RoIs per image (the step-time budget)."""
     from clcl_det.data.catalog import MetadataCatalog
     from clcl_det.data.continual import build_continual_split
     from clcl_det.embedded.clutter import CLUTTER_CLASSES, ClutterSpec
@@ -195,7 +196,8 @@ def test_clutter_grid_is_complete_and_uses_the_coco_protocols():
         assert (cfg.CONTINUAL.IMAGE_FILTER == "non_cooccurrence") == setting.startswith("ior_"), name
         assert cfg.DATASETS.TRAIN == ("clutter_train",) and cfg.MODEL.CLIP.TINY.DATASET == "clutter"
         assert len(build_continual_split(cfg, CLUTTER_CLASSES).class_names) == 80
-        assert (cfg.MODEL.CLCLIP.MULTI_EXPERT.TOPK == 10) == name.startswith("clclip/"), name
+        assert cfg.MODEL.CLCLIP.MULTI_EXPERT.TOPK == 0 and cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 32, name
+        assert (cfg.MODEL.ROI_HEADS.NAME == "MultiExpertRoIHeads") == name.startswith("clclip/"), name
     meta = MetadataCatalog.get("clutter_test")
     assert meta.evaluator_type == "coco" and meta.area_thresholds == ClutterSpec().area_thresholds()
     joint = setup_cfg(os.path.join(CONFIGS_DIR, "fvit", "joint_clutter.yaml"))
