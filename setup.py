@@ -14,7 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["clcl_det", "clcl_det.*"]),
-    package_data={"clcl_det": ["modeling/clip/model_configs/*.json", "embedded/assets/shapes-tiny.pt"]},
+    package_data={"clcl_det": ["modeling/clip/model_configs/*.json", "embedded/assets/shapes-tiny.pt",
+                                "embedded/assets/clutter-tiny.pt"]},
     data_files=[("share/clcl_det/descriptions", sorted(str(p) for p in Path("datasets/descriptions").glob("*.json")))],
     install_requires=[
         "torch>=2.1",

@@ -136,7 +136,7 @@ def test_config_name_says_method_dataset_and_output_folder(path):
     folder, stem = os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
     cfg = setup_cfg(path)
     assert cfg.OUTPUT_DIR == f"./output/{stem}"
-    dataset = next(d for d in ("shapes", "voc", "coco") if f"_{d}" in stem)
+    dataset = next(d for d in ("shapes", "voc", "coco", "clutter") if f"_{d}" in stem)
     assert cfg.DATASETS.TRAIN[0].startswith(dataset), (stem, cfg.DATASETS.TRAIN)
     multi_expert = cfg.MODEL.ROI_HEADS.NAME == "MultiExpertRoIHeads"
     assert multi_expert == folder.startswith("clclip"), stem
@@ -171,3 +171,35 @@ def test_yaml_comments_report_no_measurement(path):
     for n, line in enumerate(open(path).read().splitlines(), 1):
         comment = line.split("#", 1)[1] if "#" in line else ""
         assert not measured.search(comment), f"{os.path.relpath(path, REPO)}:{n}: {comment.strip()}"
+
+
+# -- the COCO protocols on Clutter: every method on IOR's four settings and 40+10x4, plus joint training -----
+CLUTTER_SETTINGS = {"ior_40+40": "40+40", "ior_50+30": "50+30", "ior_60+20": "60+20", "ior_70+10": "70+10",
+                    "40+10x4": "40+10x4"}
+CLUTTER_METHODS = ["clclip/clclip", "fvit/finetune", "faster_ilod/distill", "fvit/finetune_unbiased"]
+
+
+def test_clutter_grid_is_complete_and_uses_the_coco_protocols():
+    """Each method has each Clutter setting; IOR's settings filter by non-co-occurrence, 40+10x4 does not;
+    every config trains clutter_train on 80 classes and evaluates in COCO AP with scaled size thresholds;
+    CL-CLIP runs all its experts and every method samples Shapes' 32 RoIs per image (the step-time budget)."""
+    from clcl_det.data.catalog import MetadataCatalog
+    from clcl_det.data.continual import build_continual_split
+    from clcl_det.embedded.clutter import CLUTTER_CLASSES, ClutterSpec
+
+    paths = {f"{m}_clutter_{s}": s for m in CLUTTER_METHODS for s in CLUTTER_SETTINGS}
+    shipped = {os.path.relpath(p, CONFIGS_DIR)[:-5] for p in SHIPPED_CONFIGS if "_clutter" in p}
+    assert shipped == set(paths) | {"fvit/joint_clutter"}, shipped ^ (set(paths) | {"fvit/joint_clutter"})
+    for name, setting in paths.items():
+        cfg = setup_cfg(os.path.join(CONFIGS_DIR, name + ".yaml"))
+        assert cfg.CONTINUAL.TASKS == CLUTTER_SETTINGS[setting]
+        assert (cfg.CONTINUAL.IMAGE_FILTER == "non_cooccurrence") == setting.startswith("ior_"), name
+        assert cfg.DATASETS.TRAIN == ("clutter_train",) and cfg.MODEL.CLIP.TINY.DATASET == "clutter"
+        assert len(build_continual_split(cfg, CLUTTER_CLASSES).class_names) == 80
+        assert cfg.MODEL.CLCLIP.MULTI_EXPERT.TOPK == 0 and cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 32, name
+        assert (cfg.MODEL.ROI_HEADS.NAME == "MultiExpertRoIHeads") == name.startswith("clclip/"), name
+    meta = MetadataCatalog.get("clutter_test")
+    assert meta.evaluator_type == "coco" and meta.area_thresholds == ClutterSpec().area_thresholds()
+    joint = setup_cfg(os.path.join(CONFIGS_DIR, "fvit", "joint_clutter.yaml"))
+    assert joint.CONTINUAL.TASKS == "80" and joint.SOLVER.MAX_ITER == 2 * setup_cfg(
+        os.path.join(CONFIGS_DIR, "fvit", "finetune_clutter_ior_40+40.yaml")).SOLVER.MAX_ITER

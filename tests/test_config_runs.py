@@ -61,6 +61,33 @@ def test_shapes_config_trains_two_tasks(name, shapes_root, tmp_path, monkeypatch
         assert set(CONTINUAL_LOSS_REGISTRY.get(loss).loss_names) & set(losses), f"{loss} returned nothing in task 2"
 
 
+def test_clutter_ior_config_runs_and_reports_coco_ap(shapes_root, tmp_path, monkeypatch):
+    """CL-CLIP on Clutter IOR 40+40 as shipped (80 classes, non-co-occurrence filter, top-k experts), shrunk
+    to one iteration per task on a generated 16-image Clutter: its stages are COCO AP with B / N / A and
+    the overall COCO numbers of the seen classes."""
+    import clcl_det.engine.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "plot_stages", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "plot_task_matrix", lambda *a, **k: None)
+    out = str(tmp_path / "clutter")
+    cfg = tiny_cfg(out)
+    cfg.merge_from_file(os.path.join(CONFIGS, "clclip", "clclip_clutter_ior_40+40.yaml"))
+    cfg.merge_from_list(["MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "simple", "SOLVER.MAX_ITER", "1",
+                         "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", out, "INPUT.IMAGE_SIZE", "64",
+                         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "DATASETS.CLUTTER.NUM_TRAIN", "16",
+                         "DATASETS.CLUTTER.NUM_VAL", "1", "DATASETS.CLUTTER.NUM_TEST", "4", "TEST.ZERO_SHOT", "False"])
+    cfg.freeze()
+    default_setup(cfg)
+    summary = ContinualRunner(cfg).run()
+    assert [s["task"] for s in summary["stages"]] == [0, 1] and summary["metric"] == "AP"
+    assert "COCO 101-point" in summary["ap_definition"] and len(summary["class_names"]) == 80
+    with open(os.path.join(out, "task_2", "metrics.json")) as f:
+        stage = json.load(f)
+    assert set(stage["summary"]) >= {"mAP@B", "mAP@N", "mAP@A"}
+    assert set(stage["extra"]["evaluator"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert "COCO box AP of the seen classes" in open(os.path.join(out, "task_2", "per_class.txt")).read()
+
+
 # -- ablations: the parent config with only the ablated part changed ---------------------------------------
 def _without(loss):
     return {"MODEL.CONTINUAL_LOSSES": lambda parent, ablation: loss in parent and ablation == [x for x in parent if x != loss]}

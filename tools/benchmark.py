@@ -8,6 +8,8 @@
     python tools/benchmark.py train --iters 20 SOLVER.IMS_PER_BATCH 16 SOLVER.AMP_DTYPE bfloat16
     python tools/benchmark.py steps                # training step time of the shipped Shapes configs
     python tools/benchmark.py steps --iters 30 --configs clclip/clclip_shapes_10+10.yaml fvit/finetune_shapes_10+10.yaml
+    python tools/benchmark.py steps --configs fvit/finetune_shapes_10+10.yaml fvit/finetune_clutter_ior_40+40.yaml \
+        clclip/clclip_shapes_10+10.yaml clclip/clclip_clutter_ior_40+40.yaml   # Clutter's steps over Shapes'
 
 `steps` trains each config as `tools/train_net.py` would (its data, the embedded tiny CLIP, the
 trainer) for a few iterations of task 1 and of task 2 and prints the median step time of each
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=torch.get_num_threads())
     t.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (e.g. SOLVER.IMS_PER_BATCH 16)")
     t.set_defaults(func=train)
-    s = sub.add_parser("steps", help="training step time of shipped (Shapes) configs, tasks 1 and 2, ratio to the first")
+    s = sub.add_parser("steps", help="training step time of shipped configs (default: Shapes'), tasks 1 and 2, ratio to the first")
     s.add_argument("--configs", nargs="+", default=SHAPES_STEP_CONFIGS, help="configs under configs/; the first is the reference")
     s.add_argument("--iters", type=int, default=20, help="timed steps per task")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps per task, first")

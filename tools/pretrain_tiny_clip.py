@@ -2,14 +2,17 @@
 """Build (or rebuild) the project's tiny CLIP and print the path of its checkpoint.
 
     python tools/pretrain_tiny_clip.py --verify             # rebuild the packaged default, compare its sha256
+    python tools/pretrain_tiny_clip.py --verify --config-file configs/_base_/Base-Clutter.yaml   # the Clutter one
     python tools/pretrain_tiny_clip.py --verify --output clcl_det/embedded/assets/shapes-tiny.pt  # and repair it
     python tools/pretrain_tiny_clip.py MODEL.CLIP.TINY.ITERS 300   # another recipe: built into the cache
     python tools/pretrain_tiny_clip.py --force MODEL.CLIP.TINY.ITERS 300
     python tools/pretrain_tiny_clip.py --output /tmp/tiny.pt --eval-images 200
 
-The default recipe's checkpoint ships in the package (clcl_det/embedded/assets/shapes-tiny.pt) and
-is checked by its sha256 whenever it is loaded; `--verify` builds it again (about 4 minutes) and says
-whether the bytes match the packaged ones. Any other recipe (a MODEL.CLIP.TINY or DATASETS.SHAPES
+The default recipe's checkpoint ships in the package (clcl_det/embedded/assets/shapes-tiny.pt), and
+so does the Clutter recipe's (clutter-tiny.pt: MODEL.CLIP.TINY.DATASET clutter, as
+configs/_base_/Base-Clutter.yaml sets it); each is checked by its sha256 whenever it is loaded;
+`--verify` builds the config's recipe again (about 4 / 10 minutes) and says whether the bytes match
+the packaged ones. Any other recipe (a MODEL.CLIP.TINY or DATASETS.SHAPES
 key changed) is built on first use into $CLCL_CACHE.
 
 The recipe runs in a child process under pinned numerics (AVX2 kernels, MKL_CBWR, two threads:
@@ -51,19 +54,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     setup_logger(name="clcl_det")
     cfg = setup_cfg(args.config_file, args.opts)
-    from clcl_det.embedded.tiny_clip import (PACKAGED_SHA256, TinyCLIPChecksumError, build_pinned, ensure_shapes_tiny,
-                                             file_sha256)
+    from clcl_det.embedded.tiny_clip import (PACKAGED, TinyCLIPChecksumError, build_pinned, ensure_shapes_tiny,
+                                             file_sha256, recipe_digest)
 
     if args.verify:
         import tempfile
 
+        if recipe_digest(cfg) not in PACKAGED:
+            raise TinyCLIPChecksumError(f"--verify: no packaged checkpoint has this recipe (digest {recipe_digest(cfg)}; "
+                                        f"packaged: {', '.join(PACKAGED)})")
+        name, released, _ = PACKAGED[recipe_digest(cfg)]
         with tempfile.TemporaryDirectory() as tmp:
-            path = args.output or os.path.join(tmp, "shapes-tiny.pt")
+            path = args.output or os.path.join(tmp, name)
             build_pinned(cfg, path, eval_images=args.eval_images)
             digest = file_sha256(path)
-        if digest != PACKAGED_SHA256:
-            raise TinyCLIPChecksumError(f"rebuilt sha256 {digest} differs from the packaged {PACKAGED_SHA256}")
-        print(f"rebuilt sha256 {digest}: matches the packaged checkpoint")
+        if digest != released:
+            raise TinyCLIPChecksumError(f"rebuilt sha256 {digest} differs from the packaged {name}'s {released}")
+        print(f"rebuilt sha256 {digest}: matches the packaged checkpoint {name}")
         return
     if args.output:
         build_pinned(cfg, args.output, eval_images=args.eval_images)

@@ -1,4 +1,5 @@
-"""The keys of the embedded default's tiny-CLIP recipe (`MODEL.CLIP.TINY`), declared next to its code."""
+"""The keys of the embedded datasets' generated Clutter set (`DATASETS.CLUTTER`) and of the tiny-CLIP
+recipe (`MODEL.CLIP.TINY`), declared next to their code."""
 from __future__ import annotations
 
 from ..config import CfgNode as CN
@@ -9,9 +10,17 @@ __all__ = ["add_embedded_config"]
 
 @register_config
 def add_embedded_config(cfg: CN) -> None:
-    """Declare `MODEL.CLIP.TINY`: the recipe that pretrains the shapes-tiny CLIP on Shapes."""
+    """Declare `DATASETS.CLUTTER` (the Clutter dataset) and `MODEL.CLIP.TINY` (the recipe that
+    pretrains the shapes-tiny CLIP)."""
     _C = cfg
-    _C.MODEL.CLIP.TINY = CN()  # recipe that pretrains the shapes-tiny CLIP on Shapes image-caption pairs
+    _C.DATASETS.CLUTTER = CN()  # the synthetic crowded COCO-format Clutter dataset (generated on first use)
+    _C.DATASETS.CLUTTER.NUM_TRAIN = 2000  # training images generated
+    _C.DATASETS.CLUTTER.NUM_VAL = 500  # validation images (clutter_val: tuned values are chosen on it)
+    _C.DATASETS.CLUTTER.NUM_TEST = 500  # test images generated
+    _C.DATASETS.CLUTTER.SEED = 0  # generator seed (the dataset is a pure function of seed, counts and size)
+    _C.DATASETS.CLUTTER.IMAGE_SIZE = 128  # side of the square generated images, pixels
+    _C.MODEL.CLIP.TINY = CN()  # recipe that pretrains the shapes-tiny CLIP on an embedded dataset's images and class names
+    _C.MODEL.CLIP.TINY.DATASET = "shapes"  # the embedded dataset it trains on (its train split): shapes | clutter
     _C.MODEL.CLIP.TINY.ITERS = 180  # optimisation steps
     _C.MODEL.CLIP.TINY.BATCH_SIZE = 24  # images per step
     _C.MODEL.CLIP.TINY.LR = 1.5e-3  # AdamW learning rate (cosine decay, warm-up)

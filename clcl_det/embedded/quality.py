@@ -31,8 +31,8 @@ from ..modeling.cost_volume import inset_boxes, normalize_prior
 
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
-    "load_images", "measure_clip", "measure_on_shapes", "format_report", "PriorQuality", "measure_prior",
-    "format_prior_report",
+    "load_images", "measure_clip", "measure_on_dataset", "measure_on_shapes", "format_report", "PriorQuality",
+    "measure_prior", "format_prior_report",
 ]
 
 
@@ -149,7 +149,7 @@ def _input_size(clip_model: nn.Module) -> int:
 def load_images(dataset_dicts: Sequence[Dict[str, Any]], pixel_mean: Sequence[float],
                 pixel_std: Sequence[float]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
     """Normalised (3, H, W) images (RGB, mean/std in 0..1 units), XYXY boxes and class ids of
-    detectron2-style dataset dicts (XYXY_ABS boxes)."""
+    detectron2-style dataset dicts (XYXY_ABS boxes); crowd regions are not objects and are left out."""
     mean = torch.tensor(pixel_mean).view(3, 1, 1)
     std = torch.tensor(pixel_std).view(3, 1, 1)
     images, boxes, labels = [], [], []
@@ -157,7 +157,7 @@ def load_images(dataset_dicts: Sequence[Dict[str, Any]], pixel_mean: Sequence[fl
         with Image.open(d["file_name"]) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         images.append((torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std)
-        annos = d.get("annotations", [])
+        annos = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
         boxes.append(torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4))
         labels.append(torch.tensor([a["category_id"] for a in annos], dtype=torch.long))
     return images, boxes, labels
@@ -187,23 +187,33 @@ def measure_clip(clip_model: nn.Module, class_text: Tensor, dataset_dicts: Seque
     return {"dense_hit_rate": hits, "crop_accuracy": crops}
 
 
-def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
-                      templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
-    """`measure_clip` on the first `num_images` (None = all) Shapes images of `split` (train, test
-    or val, as registered for the spec of `cfg.DATASETS.SHAPES`), with the prompt-ensembled class
-    embeddings of `TextEncoder` (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
-    from ..data.catalog import DatasetCatalog
+def measure_on_dataset(cfg: Any, clip_model: nn.Module, tokenizer: Callable, dataset: str,
+                       num_images: Optional[int] = None, templates: Optional[str] = None) -> Dict[str, ClassAccuracy]:
+    """`measure_clip` on the first `num_images` (None = all) images of a registered dataset (crowd
+    boxes left out), with the prompt-ensembled embeddings of its `thing_classes` from `TextEncoder`
+    (`templates`, default `cfg.MODEL.CLIP.TEMPLATES`)."""
+    from ..data.catalog import DatasetCatalog, MetadataCatalog
     from ..modeling.text import TextEncoder
-    from .shapes import SHAPES_CLASSES, ShapesSpec, register_shapes
 
-    dicts = DatasetCatalog.get(register_shapes(ShapesSpec.from_cfg(cfg))[split])
+    dicts = DatasetCatalog.get(dataset)
     dicts = dicts[:num_images] if num_images else dicts
     was_training = clip_model.training
     clip_model.eval()
-    text = TextEncoder(clip_model, tokenizer, templates or cfg.MODEL.CLIP.TEMPLATES).encode_classes(SHAPES_CLASSES)
+    text = TextEncoder(clip_model, tokenizer, templates or cfg.MODEL.CLIP.TEMPLATES).encode_classes(
+        MetadataCatalog.get(dataset).thing_classes)
     res = measure_clip(clip_model, text, dicts, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
     clip_model.train(was_training)
     return res
+
+
+def measure_on_shapes(cfg: Any, clip_model: nn.Module, tokenizer: Callable, num_images: Optional[int] = None,
+                      templates: Optional[str] = None, split: str = "test") -> Dict[str, ClassAccuracy]:
+    """`measure_on_dataset` on a Shapes split (train, test or val, as registered for the spec of
+    `cfg.DATASETS.SHAPES`)."""
+    from .shapes import ShapesSpec, register_shapes
+
+    return measure_on_dataset(cfg, clip_model, tokenizer, register_shapes(ShapesSpec.from_cfg(cfg))[split],
+                              num_images=num_images, templates=templates)
 
 
 def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Sequence[str]] = None) -> str:
@@ -223,18 +233,22 @@ def format_report(results: Dict[str, ClassAccuracy], class_names: Optional[Seque
 
 def monitoring_fn(cfg: Any, num_images: int = 0) -> Callable[[nn.Module, int], None]:
     """A callback for `pretrain_tiny_clip` that logs the quality on the first `num_images` (0 = all)
-    Shapes test images (measurement only: it does not train)."""
+    images of the recipe dataset's monitored split (Shapes test, Clutter val; measurement only: it
+    does not train)."""
     import logging
 
     import open_clip
 
+    from .tiny_clip import recipe_data
+
     log = logging.getLogger(__name__)
     tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.ARCH)
+    source = recipe_data(cfg)
 
     def fn(model: nn.Module, step: int) -> None:
-        res = measure_on_shapes(cfg, model, tokenizer, num_images=num_images or None)
+        res = measure_on_dataset(cfg, model, tokenizer, source.monitor_split(), num_images=num_images or None)
         final = step == cfg.MODEL.CLIP.TINY.ITERS
-        log.info(f"step {step}: " + (format_report(res) if final else
+        log.info(f"step {step}: " + (format_report(res, source.class_names) if final else
                  f"dense hit rate {res['dense_hit_rate'].overall:.1%}, "
                  f"crop accuracy {res['crop_accuracy'].overall:.1%}"))
 

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -45,7 +45,8 @@ from ..data.datasets.voc import load_voc_instances
 __all__ = [
     "SHAPES_CLASSES", "SHAPE_COLOURS", "SHAPE_KINDS", "ShapesSpec", "ShapeObject", "shapes_root",
     "ensure_shapes", "register_shapes", "variant_name", "render_image",
-    "image_ids", "caption_for", "file_lock",
+    "image_ids", "caption_for", "file_lock", "generate_once", "polygon_points", "draw_background",
+    "draw_distractors", "finish_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class ShapeObject:
 # drawing
 
 
-def _polygon(kind: str, cx: float, cy: float, w: float, h: float, angle: float) -> List[Tuple[float, float]]:
+def polygon_points(kind: str, cx: float, cy: float, w: float, h: float, angle: float) -> List[Tuple[float, float]]:
     """Vertices of a shape of half-extents (w, h) around (cx, cy), rotated by `angle` radians."""
     if kind == "square":
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
@@ -163,6 +164,9 @@ def _polygon(kind: str, cx: float, cy: float, w: float, h: float, angle: float) 
     elif kind == "circle":
         n = 48
         pts = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
+    elif kind == "star":  # five points
+        pts = [((1.0 if i % 2 == 0 else 0.45) * math.sin(math.pi / 5 * i), -(1.0 if i % 2 == 0 else 0.45)
+                * math.cos(math.pi / 5 * i)) for i in range(10)]
     elif kind == "hexagon":
         pts = [(math.cos(math.pi / 3 * i), math.sin(math.pi / 3 * i)) for i in range(6)]
     else:
@@ -171,7 +175,7 @@ def _polygon(kind: str, cx: float, cy: float, w: float, h: float, angle: float) 
     return [(cx + c * x * w - s * y * h, cy + s * x * w + c * y * h) for x, y in pts]
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Muted gradient + low-frequency texture + optional stripes + pixel noise (float32 HxWx3)."""
     grey = rng.uniform(70, 190)
     c0 = grey + rng.uniform(-30, 30, 3)
@@ -193,7 +197,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
+def draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
     """Clutter that is not one of the 20 classes: blobs, lines and outlines/shapes in grey/brown tones."""
     S = _SUPERSAMPLE
     for _ in range(int(rng.integers(2, 8))):
@@ -216,11 +220,11 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size:
                 draw.ellipse([S * (cx - r), S * (cy - r), S * (cx + r), S * (cy + r)], outline=colour,
                              width=int(S * rng.integers(1, 3)))
             else:
-                pts = _polygon("hexagon", S * cx, S * cy, S * r, S * r, rng.uniform(0, np.pi))
+                pts = polygon_points("hexagon", S * cx, S * cy, S * r, S * r, rng.uniform(0, np.pi))
                 draw.line(pts + pts[:1], fill=colour, width=int(S * rng.integers(1, 3)))
         else:  # a filled shape of a non-class colour (a grey circle is not a class)
             kind2 = str(rng.choice(list(SHAPE_KINDS) + ["hexagon"]))
-            pts = _polygon(kind2, S * cx, S * cy, S * r, S * r, rng.uniform(-0.4, 0.4))
+            pts = polygon_points(kind2, S * cx, S * cy, S * r, S * r, rng.uniform(-0.4, 0.4))
             draw.polygon(pts, fill=colour)
 
 
@@ -251,10 +255,10 @@ def render_image(spec: ShapesSpec, split: str, index: int) -> Tuple[Image.Image,
         raise IndexError(f"Shapes {split} has {spec.num_images(split)} images, asked for #{index}")
     rng = np.random.default_rng([spec.seed, _SPLIT_CODES[split], index])
     size, S = spec.image_size, _SUPERSAMPLE
-    base = np.clip(_background(rng, size), 0, 255).astype(np.uint8)
+    base = np.clip(draw_background(rng, size), 0, 255).astype(np.uint8)
     canvas = Image.fromarray(base).resize((size * S, size * S), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    _draw_distractors(rng, draw, size)
+    draw_distractors(rng, draw, size)
     label = Image.new("L", (size * S, size * S), 0)
     ldraw = ImageDraw.Draw(label)
     objects: List[ShapeObject] = []
@@ -274,7 +278,7 @@ def render_image(spec: ShapesSpec, split: str, index: int) -> Tuple[Image.Image,
         if centre is None:
             continue
         cx, cy = centre
-        pts = _polygon(kind, S * cx, S * cy, S * w / 2, S * h / 2, angle)
+        pts = polygon_points(kind, S * cx, S * cy, S * w / 2, S * h / 2, angle)
         colour = np.array(SHAPE_COLOURS[colour_name]) + rng.integers(-18, 19, 3)
         fill = tuple(int(v) for v in np.clip(colour, 0, 255))
         draw.polygon(pts, fill=fill)
@@ -284,13 +288,20 @@ def render_image(spec: ShapesSpec, split: str, index: int) -> Tuple[Image.Image,
                min(size, math.ceil(max(xs))), min(size, math.ceil(max(ys))))
         placed.append((cx - w * ext / 2, cy - h * ext / 2, cx + w * ext / 2, cy + h * ext / 2))
         objects.append(ShapeObject(k, box))
+    image = finish_image(rng, canvas, size)
+    mask = np.asarray(label.resize((size, size), Image.NEAREST), dtype=np.uint8)
+    return image, mask, objects
+
+
+def finish_image(rng: np.random.Generator, canvas: Image.Image, size: int) -> Image.Image:
+    """The supersampled `canvas` box-filtered down to `size`, with pixel noise and, a quarter of
+    the time, a slight blur."""
     image = canvas.resize((size, size), Image.BOX)
     noise = rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
     if rng.random() < 0.25:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.7))))
-    mask = np.asarray(label.resize((size, size), Image.NEAREST), dtype=np.uint8)
-    return image, mask, objects
+    return image
 
 
 def caption_for(names: Sequence[str]) -> str:
@@ -352,10 +363,10 @@ def shapes_root(spec: ShapesSpec) -> str:
     return os.path.join(base, f"shapes_s{spec.seed}_n{spec.num_train}-{spec.num_test}_{spec.image_size}")
 
 
-def _is_complete(root: str, spec: ShapesSpec) -> bool:
+def _is_complete(root: str, identity: Dict[str, Any]) -> bool:
     try:
         with open(os.path.join(root, "spec.json")) as f:
-            return json.load(f) == spec.to_dict()
+            return json.load(f) == identity
     except (OSError, ValueError):
         return False
 
@@ -372,41 +383,49 @@ def file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_shapes(spec: ShapesSpec = ShapesSpec()) -> str:
-    """The root of the generated dataset; generates it first if missing or incomplete.
-
-    Generation writes into a temporary folder next to the root and renames it when complete
-    (`spec.json` last), under a file lock so concurrent processes generate it once.
-    """
-    root = shapes_root(spec)
-    if _is_complete(root, spec):
+def generate_once(root: str, identity: Dict[str, Any], write: Callable[[str], None], what: str) -> str:
+    """`root` holding a generated dataset whose `spec.json` equals `identity`; if it does not yet,
+    `write(tmp)` fills a temporary folder next to `root`, `spec.json` is written last and the folder
+    is renamed to `root`, under a file lock so concurrent processes generate it once. `what` names
+    the dataset in the log."""
+    if _is_complete(root, identity):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     with file_lock(os.path.abspath(root) + ".lock"):
-        if _is_complete(root, spec):  # another process generated it while we waited
+        if _is_complete(root, identity):  # another process generated it while we waited
             return root
-        from tqdm import tqdm
-
-        total = spec.num_train + spec.num_test
-        logger.info(f"Generating the Shapes dataset ({spec.num_train} train + {spec.num_test} test images, "
-                    f"{spec.image_size} px, seed {spec.seed}) in '{root}' (a few seconds per 1000 images)")
+        logger.info(f"Generating {what} in '{root}'")
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.", suffix=".tmp", dir=parent)  # the one temp naming
         try:
-            for sub in ("JPEGImages", "Annotations", "SegmentationClass", os.path.join("ImageSets", "Main")):
-                os.makedirs(os.path.join(tmp, sub))
-            with tqdm(total=total, desc="Shapes", unit="img", leave=False, disable=None) as bar:
-                for split in ("train", "test"):
-                    _write_split(spec, split, tmp, bar)
+            write(tmp)
             with open(os.path.join(tmp, "spec.json"), "w") as f:
-                json.dump(spec.to_dict(), f, indent=1)
+                json.dump(identity, f, indent=1)
             if os.path.lexists(root):  # an incomplete or outdated folder
                 shutil.rmtree(root)
             os.rename(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info(f"Shapes dataset ready in '{root}'")
+        logger.info(f"{what.split(' (')[0]} ready in '{root}'")
     return root
+
+
+def ensure_shapes(spec: ShapesSpec = ShapesSpec()) -> str:
+    """The root of the generated dataset; generates it first if missing or incomplete
+    (`generate_once`: a temporary folder renamed when complete, under a file lock)."""
+
+    def write(tmp: str) -> None:
+        from tqdm import tqdm
+
+        for sub in ("JPEGImages", "Annotations", "SegmentationClass", os.path.join("ImageSets", "Main")):
+            os.makedirs(os.path.join(tmp, sub))
+        with tqdm(total=spec.num_train + spec.num_test, desc="Shapes", unit="img", leave=False, disable=None) as bar:
+            for split in ("train", "test"):
+                _write_split(spec, split, tmp, bar)
+
+    return generate_once(shapes_root(spec), spec.to_dict(), write,
+                         f"the Shapes dataset ({spec.num_train} train + {spec.num_test} test images, "
+                         f"{spec.image_size} px, seed {spec.seed}; a few seconds per 1000 images)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The recipe that pretrains the project's tiny CLIP (`shapes-tiny`) on Shapes, and its cache.
+"""The recipe that pretrains the project's tiny CLIP (`shapes-tiny`) on an embedded dataset, and its cache.
 
-Every step trains both towers on Shapes *train* images (the test split is never read):
+The dataset is `MODEL.CLIP.TINY.DATASET`: Shapes (20 classes; the default) or Clutter (80 classes,
+crowded scenes; `clutter.py`). Every step trains both towers on its *train* images (the val and
+test splits are never trained on); below, "the 20 class names" are the dataset's class names:
 
 - **Dense alignment**: full images (random flip and zoom) go through `CLIPDenseEncoder`, exactly
   the dense map V the detector computes (final block without token mixing, `ln_post`, `proj`,
@@ -56,10 +58,12 @@ from ..utils.device import resolve_device
 from ..utils.errors import UserError
 from ..utils.optim import cosine_factor, decay_param_groups, warmup_factor
 from .quality import box_cell_mask
-from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock
+from .clutter import CLUTTER_CLASSES, ClutterSpec, ensure_clutter, mask_file, register_clutter
+from .shapes import SHAPES_CLASSES, ShapesSpec, ensure_shapes, file_lock, register_shapes
 
 __all__ = ["ensure_shapes_tiny", "pretrain_tiny_clip", "tiny_clip_path", "recipe_key", "recipe_digest",
-           "packaged_tiny_clip_path", "verify_packaged", "TinyCLIPChecksumError", "ShapesTrainData"]
+           "packaged_tiny_clip_path", "verify_packaged", "TinyCLIPChecksumError", "ShapesTrainData",
+           "RecipeData", "recipe_data", "RECIPE_DATASETS"]
 
 logger = logging.getLogger("clcl_det.embedded.tiny_clip")  # by name: the build process runs this module as __main__
 
@@ -67,12 +71,65 @@ _SECONDS_PER_STEP_HINT = 1.3  # a recipe step on a 2-core CPU under pinned numer
 
 
 # ----------------------------------------------------------------------------------------------
+# the dataset a recipe trains on
+
+
+@dataclass
+class RecipeData:
+    """An embedded dataset as the recipe sees it: its spec (part of the cache key), class names,
+    train-split dicts with each image's class map (`sem_seg_file_name`; crowd boxes left out), and
+    the registered split its quality is monitored on."""
+
+    spec: Dict[str, Any]
+    class_names: Sequence[str]
+    train_dicts: Callable[[], List[Dict[str, Any]]]
+    monitor_split: Callable[[], str]
+
+
+def _shapes_data(cfg: Any) -> RecipeData:
+    spec = ShapesSpec.from_cfg(cfg)
+
+    def train_dicts() -> List[Dict[str, Any]]:
+        root = ensure_shapes(spec)
+        return [{**d, "sem_seg_file_name": os.path.join(root, "SegmentationClass", f"{d['image_id']}.png")}
+                for d in load_voc_instances(root, "train", SHAPES_CLASSES)]
+
+    return RecipeData(spec.to_dict(), SHAPES_CLASSES, train_dicts, lambda: register_shapes(spec)["test"])
+
+
+def _clutter_data(cfg: Any) -> RecipeData:
+    from ..data.catalog import DatasetCatalog
+
+    spec = ClutterSpec.from_cfg(cfg)
+
+    def train_dicts() -> List[Dict[str, Any]]:
+        root = ensure_clutter(spec)
+        return [{**d, "sem_seg_file_name": mask_file(root, d["file_name"]),
+                 "annotations": [a for a in d["annotations"] if not a.get("iscrowd", 0)]}
+                for d in DatasetCatalog.get(register_clutter(spec)["train"])]
+
+    return RecipeData(spec.to_dict(), CLUTTER_CLASSES, train_dicts, lambda: register_clutter(spec)["val"])
+
+
+RECIPE_DATASETS: Dict[str, Callable[[Any], RecipeData]] = {"shapes": _shapes_data, "clutter": _clutter_data}
+
+
+def recipe_data(cfg: Any) -> RecipeData:
+    """The dataset `MODEL.CLIP.TINY.DATASET` names, for the spec of `cfg`."""
+    name = cfg.MODEL.CLIP.TINY.DATASET
+    if name not in RECIPE_DATASETS:
+        raise ValueError(f"MODEL.CLIP.TINY.DATASET '{name}' is not one of {sorted(RECIPE_DATASETS)}")
+    return RECIPE_DATASETS[name](cfg)
+
+
+# ----------------------------------------------------------------------------------------------
 # cache
 
 
 def recipe_key(cfg: Any) -> Dict[str, Any]:
-    """Everything the pretrained weights depend on: the recipe keys, the model config, the Shapes
-    spec, the background prompt and the pixel normalisation."""
+    """Everything the pretrained weights depend on: the recipe keys, the model config, the spec of
+    the dataset it trains on (under the dataset's name), the background prompt and the pixel
+    normalisation."""
     arch = cfg.MODEL.CLIP.ARCH
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
@@ -80,8 +137,9 @@ def recipe_key(cfg: Any) -> Dict[str, Any]:
     return {
         "arch": arch,
         "model_config": model_cfg,
-        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.MODEL.CLIP.TINY.items())},
-        "shapes": ShapesSpec.from_cfg(cfg).to_dict(),
+        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.MODEL.CLIP.TINY.items())
+                   if k != "DATASET"},  # the dataset is the key of its spec below
+        cfg.MODEL.CLIP.TINY.DATASET: recipe_data(cfg).spec,
         "background_prompt": cfg.MODEL.CLIP.BACKGROUND_PROMPT,
         "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
         "pixel_std": list(cfg.MODEL.PIXEL_STD),
@@ -95,6 +153,16 @@ PACKAGED_FILE = "shapes-tiny.pt"
 PACKAGED_RECIPE = "144c38ff4d70"  # `recipe_digest` of the default config
 PACKAGED_SHA256 = "1ffaee7a224ca690d1f23defb57d72a439e6ce6cfccb824b477f001122378d28"
 REBUILD_COMMAND = "python tools/pretrain_tiny_clip.py --verify"
+# Clutter's recipe (configs/_base_/Base-Clutter.yaml: MODEL.CLIP.TINY.DATASET clutter, 600 steps), also packaged
+CLUTTER_FILE = "clutter-tiny.pt"
+CLUTTER_RECIPE = "896b228c3008"
+CLUTTER_SHA256 = "db973eebdc65ad8e0460f9eb728b73c8bb9fc772cd8b6f3d6a2b9a50cf036ad3"
+CLUTTER_REBUILD_COMMAND = "python tools/pretrain_tiny_clip.py --verify --config-file configs/_base_/Base-Clutter.yaml"
+# every shipped checkpoint: recipe digest -> (file in PACKAGED_DIR, sha256, the command that rebuilds it)
+PACKAGED: Dict[str, Tuple[str, str, str]] = {
+    PACKAGED_RECIPE: (PACKAGED_FILE, PACKAGED_SHA256, REBUILD_COMMAND),
+    CLUTTER_RECIPE: (CLUTTER_FILE, CLUTTER_SHA256, CLUTTER_REBUILD_COMMAND),
+}
 
 
 class TinyCLIPChecksumError(UserError, RuntimeError):
@@ -107,29 +175,39 @@ def recipe_digest(cfg: Any) -> str:
 
 
 def packaged_tiny_clip_path(cfg: Any) -> Optional[str]:
-    """The checkpoint shipped in the package if `cfg` asks for the recipe it was built with, else None."""
-    if cfg.MODEL.CLIP.ARCH != "shapes-tiny" or recipe_digest(cfg) != PACKAGED_RECIPE:
+    """The checkpoint shipped in the package if `cfg` asks for a recipe one was built with, else None."""
+    if cfg.MODEL.CLIP.ARCH != "shapes-tiny" or recipe_digest(cfg) not in PACKAGED:
         return None
-    return os.path.join(PACKAGED_DIR, PACKAGED_FILE)
+    return os.path.join(PACKAGED_DIR, PACKAGED[recipe_digest(cfg)][0])
+
+
+def _packaged_entry(path: str) -> Tuple[str, str, str]:
+    name = os.path.basename(path)
+    entry = next((e for e in PACKAGED.values() if e[0] == name), None)
+    if entry is None:
+        raise ValueError(f"'{path}' is not a packaged tiny CLIP "
+                         f"(packaged: {', '.join(e[0] for e in PACKAGED.values())})")
+    return entry
 
 
 _verified: Dict[Tuple[str, float, int], bool] = {}
 
 
 def verify_packaged(path: str) -> str:
-    """`path` if its sha256 is PACKAGED_SHA256 (checked once per file version and process), else a
-    one-line TinyCLIPChecksumError that names the rebuild command."""
+    """`path` if its sha256 is the one `PACKAGED` releases for its file (checked once per file version
+    and process), else a one-line TinyCLIPChecksumError that names the rebuild command."""
+    _, released, command = _packaged_entry(path)
     if not os.path.isfile(path):
         raise TinyCLIPChecksumError(f"the packaged tiny CLIP '{path}' is missing; reinstall the package or rebuild "
-                                    f"it with: {REBUILD_COMMAND} --output {path}")
+                                    f"it with: {command} --output {path}")
     st = os.stat(path)
     key = (path, st.st_mtime, st.st_size)
     if key not in _verified:
         digest = file_sha256(path)
-        if digest != PACKAGED_SHA256:
+        if digest != released:
             raise TinyCLIPChecksumError(
-                f"the packaged tiny CLIP '{path}' has sha256 {digest[:12]}…, not the released {PACKAGED_SHA256[:12]}… "
-                f"(a corrupted or altered file); rebuild it with: {REBUILD_COMMAND} --output {path}")
+                f"the packaged tiny CLIP '{path}' has sha256 {digest[:12]}…, not the released {released[:12]}… "
+                f"(a corrupted or altered file); rebuild it with: {command} --output {path}")
         _verified[key] = True
     return path
 
@@ -169,17 +247,17 @@ def ensure_shapes_tiny(cfg: Any, force: bool = False, eval_images: int = 0) -> s
     path = tiny_clip_path(cfg)
     if path == packaged_tiny_clip_path(cfg) and not force:
         verify_packaged(path)
-        logger.info(f"tiny CLIP '{path}' (packaged) sha256 {PACKAGED_SHA256}")
+        logger.info(f"tiny CLIP '{path}' (packaged) sha256 {_packaged_entry(path)[1]}")
         return path
     if force and path == packaged_tiny_clip_path(cfg):
-        raise ValueError("the default recipe's tiny CLIP is packaged; rebuild it into another file with "
-                         f"{REBUILD_COMMAND} (or --output PATH)")
+        raise ValueError("this recipe's tiny CLIP is packaged; rebuild it into another file with "
+                         f"{_packaged_entry(path)[2]} (or --output PATH)")
     if not (os.path.isfile(path) and not force):
         with file_lock(path + ".lock"):
             if force or not os.path.isfile(path):  # else built by another process while we waited
                 t = cfg.MODEL.CLIP.TINY
                 est = t.ITERS * _SECONDS_PER_STEP_HINT / 60
-                logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on Shapes ({t.ITERS} steps; about "
+                logger.info(f"Pretraining the tiny CLIP '{cfg.MODEL.CLIP.ARCH}' on {t.DATASET} ({t.ITERS} steps; about "
                             f"{est:.0f} min on a 2-core CPU, done once and cached as '{path}')")
                 start = time.perf_counter()
                 build_pinned(cfg, path, eval_images=eval_images)
@@ -284,7 +362,7 @@ def _child_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 class ShapesTrainData:
-    """The Shapes train split in memory: uint8 images (N, 3, S, S), class maps (N, S, S) with
+    """An embedded train split in memory: uint8 images (N, 3, S, S), class maps (N, S, S) with
     0 = background and k + 1 = class k, and one row per object (image index, x0, y0, x1, y1, class)."""
 
     def __init__(self, images: Tensor, masks: Tensor, objects: Tensor):
@@ -292,20 +370,26 @@ class ShapesTrainData:
 
     @classmethod
     def load(cls, root: str, class_names: Sequence[str] = SHAPES_CLASSES) -> "ShapesTrainData":
+        """The train split of a Shapes folder."""
         dicts = load_voc_instances(root, "train", class_names)
+        return cls.from_dicts([{**d, "sem_seg_file_name": os.path.join(root, "SegmentationClass", f"{d['image_id']}.png")}
+                               for d in dicts], f"in '{root}'")
+
+    @classmethod
+    def from_dicts(cls, dicts: Sequence[Dict[str, Any]], where: str = "") -> "ShapesTrainData":
+        """Dataset dicts (XYXY_ABS boxes) whose `sem_seg_file_name` is the image's class map."""
         if not dicts:
-            raise ValueError(f"the Shapes train split in '{root}' is empty: the tiny CLIP needs training images")
+            raise ValueError(f"the train split {where} is empty: the tiny CLIP needs training images")
         images, masks, objects = [], [], []
         for i, d in enumerate(dicts):
             with Image.open(d["file_name"]) as im:
                 images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            seg = os.path.join(root, "SegmentationClass", f"{d['image_id']}.png")
-            with Image.open(seg) as m:
+            with Image.open(d["sem_seg_file_name"]) as m:
                 masks.append(np.asarray(m, dtype=np.uint8))
             for a in d["annotations"]:
                 objects.append([i, *a["bbox"], a["category_id"]])
         if not objects:
-            raise ValueError(f"the Shapes train split in '{root}' has no objects")
+            raise ValueError(f"the train split {where} has no objects")
         return cls(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
                    torch.from_numpy(np.stack(masks)), torch.tensor(objects, dtype=torch.float32))
 
@@ -540,10 +624,10 @@ def pretrain_tiny_clip(cfg: Any, out_path: str, eval_fn: Optional[Callable[[nn.M
     t = cfg.MODEL.CLIP.TINY
     arch = cfg.MODEL.CLIP.ARCH
     device = resolve_device(cfg.MODEL.DEVICE)
-    spec = ShapesSpec.from_cfg(cfg)
-    data = ShapesTrainData.load(ensure_shapes(spec))
-    names = list(SHAPES_CLASSES) + [cfg.MODEL.CLIP.BACKGROUND_PROMPT]
-    K = len(SHAPES_CLASSES)
+    source = recipe_data(cfg)
+    data = ShapesTrainData.from_dicts(source.train_dicts(), f"of {t.DATASET}")
+    names = list(source.class_names) + [cfg.MODEL.CLIP.BACKGROUND_PROMPT]
+    K = len(source.class_names)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.SEED)

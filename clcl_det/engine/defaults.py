@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, ConfigError, get_cfg, resolve_config_path
+from ..embedded.clutter import ClutterSpec, ensure_clutter, register_clutter
 from ..embedded.shapes import ShapesSpec, ensure_shapes, register_shapes
 from ..embedded.tiny_clip import ensure_shapes_tiny
 from ..modeling.clip.factory import PROJECT_PRETRAINED
@@ -138,14 +139,16 @@ def auto_scale_schedule(cfg: CfgNode) -> CfgNode:
         cfg.freeze()
     return cfg
 def prepare_embedded_assets(cfg: CfgNode) -> None:
-    """What the embedded default needs before a model is built: the Shapes names (`shapes_train`,
-    `shapes_test`) registered for `DATASETS.SHAPES`, the dataset generated if the run uses it,
-    the tiny CLIP built and cached if `MODEL.CLIP.PRETRAINED` is shapes-tiny (each done once)."""
-    spec = ShapesSpec.from_cfg(cfg)
-    names = register_shapes(spec, alias=True)
-    shapes_names = {f"shapes_{s}" for s in names} | set(names.values())
-    if shapes_names & (set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)):
-        ensure_shapes(spec)
+    """What the embedded datasets need before a model is built: the Shapes and Clutter names
+    (`shapes_train`, `clutter_val`, ...) registered for `DATASETS.SHAPES` / `DATASETS.CLUTTER`, a
+    dataset generated if the run uses it, the tiny CLIP built and cached if `MODEL.CLIP.PRETRAINED`
+    is shapes-tiny (each done once)."""
+    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
+    for prefix, spec, register, ensure in (("shapes", ShapesSpec.from_cfg(cfg), register_shapes, ensure_shapes),
+                                           ("clutter", ClutterSpec.from_cfg(cfg), register_clutter, ensure_clutter)):
+        names = register(spec, alias=True)
+        if ({f"{prefix}_{s}" for s in names} | set(names.values())) & used:
+            ensure(spec)
     if cfg.MODEL.CLIP.PRETRAINED == PROJECT_PRETRAINED:
         ensure_shapes_tiny(cfg)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data import MetadataCatalog, build_test_loader
 from ..data.continual import ContinualSplit, Task
-from ..evaluation import (COCOEvaluator, PascalVOCEvaluator, build_stage, describe_ap, format_stage_table,
+from ..evaluation import (COCO_AREA_THRESHOLDS, COCOEvaluator, PascalVOCEvaluator, build_stage, describe_ap, format_stage_table,
                           format_summary, inference_on_dataset, plot_stages, plot_task_matrix, read_json, summarize_stages,
                           write_json)
 from ..utils import comm
@@ -33,10 +33,13 @@ def stage_metric_key(cfg: Any) -> str:
 
 def build_evaluator(cfg: Any, gt_dicts: List[Dict[str, Any]], class_names: Sequence[str],
                     eval_classes: Sequence[int], output_dir: Optional[str] = None):
-    """PascalVOCEvaluator or COCOEvaluator, by the test dataset's `evaluator_type`; with
+    """PascalVOCEvaluator or COCOEvaluator, by the test dataset's `evaluator_type` (COCO's
+    small / medium / large limits from its `area_thresholds` metadata if it has one); with
     `output_dir` it writes the detections there (coco_instances_results.json)."""
     if _evaluator_type(cfg) == "coco":
-        return COCOEvaluator(gt_dicts, class_names, eval_classes, output_dir=output_dir)
+        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        return COCOEvaluator(gt_dicts, class_names, eval_classes, output_dir=output_dir,
+                             area_thresholds=meta.get("area_thresholds", COCO_AREA_THRESHOLDS))
     if cfg.TEST.AP_METHOD not in ("voc07", "area"):
         raise ValueError(f"TEST.AP_METHOD '{cfg.TEST.AP_METHOD}' is not one of voc07 | area")
     return PascalVOCEvaluator(gt_dicts, class_names, eval_classes, ap_method=cfg.TEST.AP_METHOD,

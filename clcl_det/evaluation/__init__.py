@@ -11,7 +11,7 @@ from .continual_metrics import (
     summarize_stages,
     write_json,
 )
-from .coco_evaluation import COCOEvaluator
+from .coco_evaluation import COCO_AREA_THRESHOLDS, COCOEvaluator
 from .evaluator import (
     DatasetEvaluator,
     DatasetEvaluators,
@@ -24,6 +24,6 @@ from .voc_evaluation import AP_METHODS, PascalVOCEvaluator, eval_detections_for_
 __all__ = [
     "DatasetEvaluator", "DatasetEvaluators", "DetectionEvaluatorBase", "inference_context",
     "inference_on_dataset", "AP_METHODS", "voc_ap", "match_detections", "eval_detections_for_class",
-    "PascalVOCEvaluator", "COCOEvaluator", "describe_ap", "stage_metrics", "build_stage",
+    "PascalVOCEvaluator", "COCOEvaluator", "COCO_AREA_THRESHOLDS", "describe_ap", "stage_metrics", "build_stage",
     "format_stage_table", "summarize_stages", "format_summary", "plot_stages", "plot_task_matrix", "write_json", "read_json",
 ]

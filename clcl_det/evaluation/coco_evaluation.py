@@ -13,11 +13,12 @@ from pycocotools.cocoeval import COCOeval
 
 from .evaluator import NUM_DETECTIONS, DetectionEvaluatorBase
 
-__all__ = ["COCOEvaluator"]
+__all__ = ["COCOEvaluator", "COCO_AREA_THRESHOLDS"]
 
 logger = logging.getLogger(__name__)
 
 _STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COCO_AREA_THRESHOLDS = (32.0 ** 2, 96.0 ** 2)  # small < 32^2 <= medium < 96^2 <= large (pixels of object area)
 
 
 class COCOEvaluator(DetectionEvaluatorBase):
@@ -32,7 +33,9 @@ class COCOEvaluator(DetectionEvaluatorBase):
                   "per_class": {name: {"AP": , "AP50": , "detections": }}}}
 
     A metric without GT (e.g. no small objects, or a class absent from the images) is NaN.
-    With no detections at all every AP with GT is 0.
+    With no detections at all every AP with GT is 0. `area_thresholds` are the object areas that
+    separate small / medium / large (COCO's 32^2 and 96^2 pixels by default; a dataset of smaller
+    images gives them scaled, as its `area_thresholds` metadata).
     """
 
     def __init__(
@@ -42,8 +45,13 @@ class COCOEvaluator(DetectionEvaluatorBase):
         eval_classes: Optional[Sequence[int]] = None,
         max_dets_per_image: int = 100,
         output_dir: Optional[str] = None,
+        area_thresholds: Sequence[float] = COCO_AREA_THRESHOLDS,
     ):
         self._max_dets = int(max_dets_per_image)
+        small, large = (float(a) for a in area_thresholds)
+        if not 0 < small < large:
+            raise ValueError(f"COCOEvaluator: area_thresholds must be 0 < small < large, got {tuple(area_thresholds)}")
+        self._area_thresholds = (small, large)
         super().__init__(gt_dicts, class_names, eval_classes, output_dir=output_dir)
         self._coco_image_ids = {image_id: i + 1 for i, image_id in enumerate(self._gt)}
 
@@ -106,6 +114,9 @@ class COCOEvaluator(DetectionEvaluatorBase):
         coco_eval.params.imgIds = sorted(self._coco_image_ids[i] for i in image_ids)
         coco_eval.params.catIds = list(self._eval_classes)
         coco_eval.params.maxDets = [1, 10, self._max_dets]
+        small, large = self._area_thresholds
+        top = coco_eval.params.areaRng[0][1]  # pycocotools' "all" upper bound
+        coco_eval.params.areaRng = [[0.0, top], [0.0, small], [small, large], [large, top]]
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
             coco_eval.evaluate()

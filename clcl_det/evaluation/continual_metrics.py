@@ -249,7 +249,8 @@ def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tab
     """Per-class table of one stage record: class, group (old / new / zero-shot), AP columns.
 
     The header names the task, the AP definition and the class groups; the last line is
-    ``mAP@B / mAP@N / mAP@A`` (and the zero-shot mean when present).
+    ``mAP@B / mAP@N / mAP@A`` (and the zero-shot mean when present), followed, for a COCO
+    evaluation, by the overall AP / AP50 / AP75 / APs / APm / APl of the seen classes.
     """
     key = stage["metric"]
     groups = stage["groups"]
@@ -286,7 +287,13 @@ def format_stage_table(stage: Mapping[str, Any], class_names: Sequence[str], tab
     if "zero_shot_mAP" in s:
         last += (f"; zero-shot mAP of {len(zero_shot)} future classes: "
                  f"{_fmt_zero_shot(s['zero_shot_mAP'], s.get('zero_shot_note'))}")
+    coco = (stage.get("extra") or {}).get("evaluator") or {}
+    if all(k in coco for k in _COCO_STATS):  # COCOEvaluator's overall numbers on the seen classes
+        last += "\nCOCO box AP of the seen classes (percent): " + ", ".join(f"{k} {_fmt(coco[k])}" for k in _COCO_STATS)
     return f"{header}\n{table}\n{last}"
+
+
+_COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def summarize_stages(
