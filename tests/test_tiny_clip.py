@@ -263,3 +263,44 @@ def test_crop_accuracy_with_a_colour_model():
 def test_class_accuracy_counts():
     acc = ClassAccuracy.from_predictions(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
     assert acc.correct.tolist() == [1, 1, 1] and acc.total.tolist() == [1, 1, 2] and acc.overall == 0.75
+
+
+def _dict(boxes, labels, crowd=()):
+    return {"annotations": [{"bbox": list(b), "category_id": c, "iscrowd": int(i in crowd)}
+                            for i, (b, c) in enumerate(zip(boxes, labels))]}
+
+
+def test_mixed_box_share_by_hand():
+    from clcl_det.embedded.quality import mixed_box_share
+
+    # box 0 (10x10) is covered 30 % by box 1 (class 1); box 1 (10x10) 30 % by box 0; box 2 (class 0,
+    # same as box 0) covers box 0 fully and counts for nothing; box 3 is alone; box 4 is a crowd region.
+    d = _dict([(0, 0, 10, 10), (7, 0, 17, 10), (0, 0, 10, 10), (50, 50, 60, 60), (0, 0, 60, 60)],
+              [0, 1, 0, 2, 3], crowd=(4,))
+    n, shares = mixed_box_share([d, {"annotations": []}], min_cover=(0.1, 0.25, 0.5))
+    # boxes 0, 1, 2 are each covered 30 % by another class's box; box 3 by nothing
+    assert n == 4
+    assert shares == {0.1: 0.75, 0.25: 0.75, 0.5: 0.0}
+
+
+def test_mixed_box_share_matches_a_pixel_count():
+    from clcl_det.embedded.quality import mixed_box_share
+
+    g = torch.Generator().manual_seed(0)
+    dicts, covers = [], []
+    for _ in range(20):
+        xy = torch.randint(0, 40, (6, 2), generator=g)
+        wh = torch.randint(1, 25, (6, 2), generator=g)
+        boxes = torch.cat([xy, xy + wh], dim=1).tolist()
+        labels = torch.randint(0, 3, (6,), generator=g).tolist()
+        dicts.append(_dict(boxes, labels))
+        masks = torch.zeros(6, 70, 70, dtype=torch.bool)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes):
+            m[y0:y1, x0:x1] = True
+        for i in range(6):
+            others = [(masks[i] & masks[j]).sum() / masks[i].sum() for j in range(6) if labels[j] != labels[i]]
+            covers.append(max(others, default=torch.tensor(0.0)).item())
+    n, shares = mixed_box_share(dicts, min_cover=(0.1, 0.25))
+    assert n == len(covers)
+    for f, share in shares.items():
+        assert share == pytest.approx(sum(c >= f - 1e-12 for c in covers) / len(covers))

@@ -13,6 +13,8 @@ cropped square with 10 % context, resized to the CLIP input size, classified by 
 Prior: CL-CLIP's cost-volume prior per box as its head reads a RoI, at MODEL.CLCLIP.COST_VOLUME's
 TEMPERATURE, NORM and LEVEL_INSET (or --prior-temperature): hit rate, prior of the box's class, entropy and
 calibration error of the level, and the hit rate of the per-cell map averaged over the box.
+Mixed boxes: the share of boxes that another class's object covers by >= 10 % / 25 % of their area
+(where a class-specific spatial prior has two classes to tell apart inside one RoI).
 """
 import argparse
 import logging
@@ -53,7 +55,8 @@ def main(args: argparse.Namespace) -> None:
         opts += ["MODEL.CLIP.PRETRAINED", args.weights]
     cfg = setup_cfg(args.config_file, opts)
     from clcl_det.data.catalog import DatasetCatalog, MetadataCatalog
-    from clcl_det.embedded.quality import format_prior_report, format_report, measure_on_dataset, measure_prior
+    from clcl_det.embedded.quality import (format_prior_report, format_report, measure_on_dataset, measure_prior,
+                                           mixed_box_share)
     from clcl_det.embedded.shapes import ShapesSpec, register_shapes
     from clcl_det.modeling.text import TextEncoder
     from clcl_det.engine.defaults import prepare_embedded_assets
@@ -70,6 +73,9 @@ def main(args: argparse.Namespace) -> None:
     print(format_report(res, class_names))
     dicts = DatasetCatalog.get(name)
     dicts = dicts[:args.num_images] if args.num_images else dicts
+    n, shares = mixed_box_share(dicts)
+    print(f"mixed boxes: of {n} boxes, " + ", ".join(f"{share:.1%} are covered >= {f:.0%} by another class's object"
+                                                     for f, share in shares.items()))
     text = TextEncoder(model, tokenizer, templates)
     classes = text.encode_classes(class_names)
     background = text.encode_classes([cfg.MODEL.CLIP.BACKGROUND_PROMPT])[0]

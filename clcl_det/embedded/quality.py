@@ -12,6 +12,9 @@
   *map* (`normalize_prior` of every cell, then averaged over the box). Hit rate (the class of the
   highest prior is the box's), the mean prior of the box's class, the mean entropy over
   [classes, background], and the expected calibration error of the top class.
+- **Mixed boxes** (`mixed_box_share`): the share of labelled boxes that another class's object covers
+  by at least a given fraction of the box's area, i.e. of RoIs in which a class-specific spatial
+  prior can tell two classes apart.
 
 V comes from `CLIPDenseEncoder` and T from `TextEncoder` (prompt ensemble), as in the detector.
 """
@@ -32,7 +35,7 @@ from ..modeling.cost_volume import inset_boxes, normalize_prior
 __all__ = [
     "ClassAccuracy", "box_cell_mask", "box_responses", "dense_hit_rate", "square_crops", "crop_accuracy",
     "load_images", "measure_clip", "measure_on_dataset", "measure_on_shapes", "format_report", "PriorQuality",
-    "measure_prior", "format_prior_report",
+    "measure_prior", "format_prior_report", "mixed_box_share",
 ]
 
 
@@ -344,3 +347,26 @@ def format_prior_report(q: PriorQuality, temperature: float, norm: str) -> str:
             f"hit rate {q.hit_rate('level').overall:.1%}, box-class prior {q.true_class_prior():.3f}, "
             f"entropy {q.entropy():.2f} nats, ECE {q.calibration_error():.3f}; map (normalised per cell, then "
             f"averaged) hit rate {q.hit_rate('map').overall:.1%}")
+
+
+def mixed_box_share(dataset_dicts: Sequence[Dict[str, Any]], min_cover: Sequence[float] = (0.1, 0.25)
+                    ) -> Tuple[int, Dict[float, float]]:
+    """The number of labelled boxes (crowd regions left out; XYXY_ABS) and, per fraction in
+    `min_cover`, the share of them that a box of another class covers by at least that fraction
+    of their area."""
+    best: List[Tensor] = []
+    for d in dataset_dicts:
+        annos = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+        if not annos:
+            continue
+        boxes = torch.tensor([a["bbox"] for a in annos], dtype=torch.float64).reshape(-1, 4)
+        labels = torch.tensor([a["category_id"] for a in annos])
+        wh = (torch.min(boxes[:, None, 2:], boxes[None, :, 2:]) - torch.max(boxes[:, None, :2], boxes[None, :, :2]))
+        inter = wh.clamp(min=0).prod(dim=2)
+        area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+        cover = inter / area.clamp(min=1e-9)[:, None]
+        cover[labels[:, None] == labels[None, :]] = 0.0
+        best.append(cover.max(dim=1).values)
+    cover = torch.cat(best) if best else torch.zeros(0, dtype=torch.float64)
+    n = len(cover)
+    return n, {f: float((cover >= f).double().mean()) if n else 0.0 for f in min_cover}
