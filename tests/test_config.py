@@ -189,6 +189,9 @@ def test_clutter_grid_is_complete_and_uses_the_coco_protocols():
 
     paths = {f"{m}_clutter_{s}": s for m in CLUTTER_METHODS for s in CLUTTER_SETTINGS}
     shipped = {os.path.relpath(p, CONFIGS_DIR)[:-5] for p in SHIPPED_CONFIGS if "_clutter" in p}
+    ablations = {n for n in shipped if "_no_" in n}  # checked against their parent by test_config_runs
+    assert {n.split("_no_")[0] for n in ablations} <= set(paths), ablations
+    shipped -= ablations
     assert shipped == set(paths) | {"fvit/joint_clutter"}, shipped ^ (set(paths) | {"fvit/joint_clutter"})
     for name, setting in paths.items():
         cfg = setup_cfg(os.path.join(CONFIGS_DIR, name + ".yaml"))
