@@ -5,8 +5,10 @@ import contextlib
 import glob
 import importlib.util
 import io
+import itertools
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -310,6 +312,28 @@ def test_hooks_are_called_around_every_step(tmp_path):
     _, tr = _train_toy(tmp_path, accum=1, per_batch=8, hooks=[Rec(), lambda it: calls.append(("fn", it))])
     assert [c[:2] for c in calls] == [x for it in range(6) for x in (("before", it), ("after", it), ("fn", it))]
     assert calls[-2][2] == round(tr.history["loss_mse"].latest(), 6)
+
+
+def test_logged_times_are_medians_over_the_log_window(tmp_path):
+    """time and data_time on a log line are medians over its LOG_PERIOD iterations, not the value
+    of the iteration that happens to print: two slow batch loads out of three show."""
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "6", "SOLVER.LOG_PERIOD", "3", "SOLVER.WARMUP_ITERS", "2",
+                         "SOLVER.CHECKPOINT_PERIOD", "1000"])
+    data = _toy_data()
+
+    def data_fn(start):
+        for i in itertools.count(start):
+            if i in (3, 4):  # the last window's batches 3 and 4 load slowly, batch 5 fast
+                time.sleep(0.2)
+            yield data[(8 * i) % len(data):(8 * i) % len(data) + 8]
+
+    torch.manual_seed(0)
+    tr = TaskTrainer(cfg, _Toy(), data_fn, str(tmp_path / "t"))
+    tr.train()
+    lines = [json.loads(x) for x in open(os.path.join(tr.output_dir, "train_metrics.jsonl"))]
+    assert [x["iteration"] for x in lines] == [0, 2, 5]
+    assert lines[1]["data_time"] < 0.1 and 0.2 <= lines[2]["data_time"] <= lines[2]["time"]
 
 
 def test_find_unused_parameters_probe():

@@ -184,6 +184,8 @@ class TaskTrainer:
         self.iter = 0
         self.latest: Dict[str, float] = {}
         self.history: Dict[str, HistoryBuffer] = {}
+        # seconds per iteration (data + step) and of loading its batch; logged as medians over LOG_PERIOD
+        self.timing: Dict[str, HistoryBuffer] = {"time": HistoryBuffer(), "data_time": HistoryBuffer()}
 
     def resume(self, path: str) -> None:
         """Continue from a periodic checkpoint (model, optimizer, scheduler, iteration)."""
@@ -239,9 +241,11 @@ class TaskTrainer:
             f"iteration {it}: non-finite loss {where}; training stopped on every rank, the last good checkpoint "
             f"in {self.output_dir} is kept (lower SOLVER.BASE_LR or check the data)")
 
-    def _log(self, it: int, data_time: float, iter_time: float, start_time: float) -> None:
+    def _log(self, it: int, start_time: float) -> None:
         done = it + 1 - self.start_iter
-        med = {k: h.median(self.cfg.SOLVER.LOG_PERIOD) for k, h in self.history.items()}
+        window = self.cfg.SOLVER.LOG_PERIOD
+        med = {k: h.median(window) for k, h in self.history.items()}
+        iter_time, data_time = (self.timing[k].median(window) for k in ("time", "data_time"))
         per_iter = (time.perf_counter() - start_time) / max(done, 1)
         eta = datetime.timedelta(seconds=int(per_iter * (self.max_iter - it - 1)))
         after = int(self.extra_meta.get("iters_after_task", 0))  # training iterations of the later tasks
@@ -309,8 +313,10 @@ class TaskTrainer:
             t2 = time.perf_counter()
             for k, v in self.latest.items():
                 self.history.setdefault(k, HistoryBuffer()).update(v)
+            self.timing["time"].update(t2 - t0)
+            self.timing["data_time"].update(t1 - t0)
             if (it + 1) % self.cfg.SOLVER.LOG_PERIOD == 0 or it == self.max_iter - 1 or it == self.start_iter:
-                self._log(it, t1 - t0, t2 - t0, start)
+                self._log(it, start)
             self.periodic.step(it, **self.extra_meta.get("checkpoint", {}))
             for h in self.hooks:
                 h.after_step()
