@@ -10,6 +10,7 @@
     python tools/benchmark.py steps --iters 30 --configs clclip/clclip_shapes_10+10.yaml fvit/finetune_shapes_10+10.yaml
     python tools/benchmark.py steps --configs fvit/finetune_shapes_10+10.yaml fvit/finetune_clutter_ior_40+40.yaml \
         clclip/clclip_shapes_10+10.yaml clclip/clclip_clutter_ior_40+40.yaml   # Clutter's steps over Shapes'
+    python tools/benchmark.py steps --configs fvit/finetune_clutter_ior_40+40.yaml -- MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64
 
 `steps` trains each config as `tools/train_net.py` would (its data, the embedded tiny CLIP, the
 trainer) for a few iterations of task 1 and of task 2 and prints the median step time of each
@@ -218,7 +219,7 @@ def steps(args: argparse.Namespace) -> None:
             for t, m in enumerate(med)))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("clclip", help="CL-CLIP inference time over F-ViT's")
@@ -246,6 +247,13 @@ def main(argv=None) -> int:
     s.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of every config")
     s.set_defaults(func=steps)
     args = p.parse_args(argv)
+    if args.opts[:1] == ["--"]:  # `--configs A B -- KEY VALUE`: "--" only ends the list of configs
+        args.opts = args.opts[1:]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     args.func(args)
     return 0
 
