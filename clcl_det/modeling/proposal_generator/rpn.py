@@ -11,8 +11,10 @@ from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from ..continual_module import ContinualModule
+from ..nms import batched_nms_topk
 from ..sampling import subsample_batch
 from .build import PROPOSAL_GENERATOR_REGISTRY
 
@@ -56,6 +58,33 @@ class RPN(RegionProposalNetwork, ContinualModule):
         if self.freeze_after_first_task:
             self.requires_grad_(False)
             self.frozen = True
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: List[Tuple[int, int]],
+                         num_anchors_per_level: List[int]) -> Tuple[List[Tensor], List[Tensor]]:
+        """torchvision's `filter_proposals` (top-n per level, clip, drop small and low-scoring
+        boxes, NMS per level, keep the best `post_nms_top_n`) with the same proposals out; its NMS
+        stops once it has kept `post_nms_top_n` boxes (`batched_nms_topk`)."""
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=proposals.device)
+                            for i, n in enumerate(num_anchors_per_level)])
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
+        objectness = objectness[batch_idx, top_n_idx]
+        levels = levels[top_n_idx]
+        proposals = proposals[batch_idx, top_n_idx]
+        probs = torch.sigmoid(objectness)
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, shape in zip(proposals, probs, levels, image_shapes):
+            boxes = clip_boxes_to_image(boxes, shape)
+            keep = remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms_topk(boxes, scores, lvl, self.nms_thresh, self.post_nms_top_n())
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
     def forward(self, images: ImageList, features: Dict[str, Tensor],
                 targets: Optional[List[Dict[str, Tensor]]] = None,

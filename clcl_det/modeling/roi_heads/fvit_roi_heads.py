@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss, roi_align
+from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, generalized_box_iou_loss, roi_align
 
 from ...config import configurable
 from ..backbone.clip_vit import get_norm
 from ..cls_heads.build import ClsHead, build_cls_head
 from ..context import HeadContext
+from ..nms import batched_nms_topk
 from ..continual_module import ContinualModule
 from ..sampling import image_generator, subsample_labels
 from .build import ROI_HEADS_REGISTRY
@@ -232,6 +233,6 @@ class FViTRoIHeads(ContinualModule):
             bx, sc = (b[roi_idx] if b.dim() == 2 else b[roi_idx, cls_idx]), scores[keep]
             valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
             bx, sc, cls_idx = bx[valid], sc[valid], cls_idx[valid]
-            kept = batched_nms(bx, sc, cls_idx, self.nms_thresh)[: self.detections_per_image]
+            kept = batched_nms_topk(bx, sc, cls_idx, self.nms_thresh, self.detections_per_image)
             results.append({"boxes": bx[kept], "scores": sc[kept], "labels": cls_idx[kept]})
         return results
