@@ -173,7 +173,9 @@ def test_spa_logits_match_a_per_pair_computation():
     torch.testing.assert_close(logits, tau * (det + ref), atol=1e-5 * tau, rtol=0)
     # every class (TOPK 0) takes another path to the costs: the top-3 pairs' scores are the same
     with torch.no_grad():
-        patches_p = F.normalize(head.project(head.roi_patches(ctx, rois)), dim=-1)
+        pooled = head.roi_patches(ctx, rois)
+        assert pooled.is_contiguous()  # products with the description tokens fold into one matrix product
+        patches_p = F.normalize(head.project(pooled), dim=-1)
         bank = head.bank(head.class_names(ctx))
         top3 = spa[:, :10].topk(3, dim=1).indices
         s_top = head.ot_scores(patches_p, bank, top3)

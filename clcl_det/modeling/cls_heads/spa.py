@@ -277,10 +277,12 @@ class SPAHead(TextClassifier):
         return u + F.linear(u, weight, bias)
 
     def roi_patches(self, ctx: HeadContext, rois: Sequence[Tensor]) -> Tensor:
-        """RoIAlign-pooled frozen dense CLIP patch tokens, L2-normalised: R x (res*res) x D."""
+        """RoIAlign-pooled frozen dense CLIP patch tokens, L2-normalised: R x (res*res) x D,
+        contiguous (a transposed view would make every product with the description tokens a
+        batched one over a copy of the token matrix per RoI)."""
         pooled = roi_align(ctx.clip_dense, list(rois), output_size=self.patch_resolution,
                            spatial_scale=1.0 / ctx.clip_stride, sampling_ratio=0, aligned=True)
-        return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1)
+        return F.normalize(pooled.flatten(2).transpose(1, 2).contiguous(), dim=-1)
 
     def candidates(self, text_cos: Tensor) -> Tensor:
         """R x k class indices of the (RoI, class) pairs that get the OT term: each RoI's top-k text
