@@ -64,6 +64,7 @@ PROTO = "clcl_det/modeling/cls_heads/prototype.py"
 CLS = "clcl_det/modeling/cls_heads/build.py"
 FVIT_ROI = "clcl_det/modeling/roi_heads/fvit_roi_heads.py"
 RPN = "clcl_det/modeling/proposal_generator/rpn.py"
+POOL = "clcl_det/modeling/poolers.py"
 LOOP = "clcl_det/continual/loop.py"
 TRAINER = "clcl_det/engine/trainer.py"
 VOC = "clcl_det/evaluation/voc_evaluation.py"
@@ -76,6 +77,7 @@ T_MH = "tests/test_mechanisms_heads.py::"
 T_CH = "tests/test_cls_heads.py::"
 T_LOOP = "tests/test_continual_loop.py::"
 T_EV = "tests/test_evaluation.py::"
+T_POOL = "tests/test_poolers.py::"
 
 MUTANTS: List[Mutant] = [
     # -- CL-CLIP: cost-volume prior and gating ------------------------------------------------------
@@ -251,6 +253,13 @@ MUTANTS: List[Mutant] = [
     M("rpn_not_frozen", "RPN.FREEZE_AFTER_FIRST_TASK ignored", RPN,
       "self.requires_grad_(False)", "self.requires_grad_(True)",
       T_CL + "test_mechanism_rpn_frozen_after_first_task[True]"),
+    # -- RoI pooler's gradient -------------------------------------------------------------------------
+    M("roi_grad_outside_samples", "RoIAlign gradient: samples outside the image still count", POOL,
+      "valid = ((c >= -1.0) & (c <= size)).to(c.dtype)", "valid = torch.ones_like(c)",
+      T_POOL + "test_grad_equals_torchvision_roi_align_backward"),
+    M("roi_grad_ignores_levels", "multi-scale RoIAlign gradient: every RoI on every level", POOL,
+      "idx = None if ctx.levels is None else torch.where(ctx.levels == level)[0]", "idx = None",
+      T_POOL + "test_multiscale_equals_torchvision"),
     # -- the continual loop: teacher, resume ----------------------------------------------------------
     M("loop_no_teacher", "continual loop: no teacher for the next task", LOOP,
       "teacher = copy.deepcopy(self.model) if (t > 0 and needs_teacher) else None", "teacher = None",

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, generalized_box_iou_loss, roi_align
+from torchvision.ops import box_iou, clip_boxes_to_image, generalized_box_iou_loss, roi_align
 
 from ...config import configurable
 from ..backbone.clip_vit import get_norm
 from ..cls_heads.build import ClsHead, build_cls_head
 from ..context import HeadContext
 from ..nms import batched_nms_topk
+from ..poolers import MultiScaleRoIAlign
 from ..continual_module import ContinualModule
 from ..sampling import image_generator, subsample_labels
 from .build import ROI_HEADS_REGISTRY
